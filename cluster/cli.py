@@ -1,0 +1,202 @@
+"""The ``pipemedic`` command line.
+
+    pipemedic evaluate --policy runbook,oncall,oracle --scenarios configs/scenarios --out reports/eval
+    pipemedic scenarios check configs/scenarios
+    pipemedic bench sim
+    pipemedic demo
+
+A user mistake (bad scenario, unknown policy, ...) prints one line naming the problem and exits
+with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from envs.errors import PipemedicError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pipeline Medic: self-healing for data and ML pipelines.")
+scenarios_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+app.add_typer(scenarios_app, name="scenarios")
+app.add_typer(bench_app, name="bench")
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_POLICIES = "runbook,oncall,oracle"
+
+
+def _fail(exc: PipemedicError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def evaluate(
+    policy: Annotated[str, typer.Option(help="Comma-separated policy names.")] = DEFAULT_POLICIES,
+    scenarios: Annotated[Path, typer.Option(help="A scenario file or a folder of them.")] = Path("configs/scenarios"),
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes per scenario and policy.")] = 10,
+    seed: Annotated[int, typer.Option(help="Evaluation seed (same faults for every policy).")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for report.json and report.png.")] = Path("reports/eval"),
+    sim_config: Annotated[Path | None, typer.Option(help="Simulator parameters YAML.")] = Path("configs/simulator.yaml"),
+    per_scenario: Annotated[bool, typer.Option(help="Print per-scenario rows too.")] = True,
+) -> None:
+    """Evaluate policies on scenarios (Ray tasks in parallel) and write a report."""
+    try:
+        run_evaluation(
+            policies=[p.strip() for p in policy.split(",") if p.strip()],
+            scenarios_path=scenarios,
+            episodes=episodes,
+            seed=seed,
+            out=out,
+            sim_config=sim_config,
+            per_scenario=per_scenario,
+        )
+    except PipemedicError as exc:
+        _fail(exc)
+
+
+def run_evaluation(
+    *,
+    policies: list[str],
+    scenarios_path: Path,
+    episodes: int,
+    seed: int,
+    out: Path,
+    sim_config: Path | None,
+    per_scenario: bool,
+) -> dict:
+    from agents.policy import make_policy
+    from cluster.evaluate import evaluate as run, write_report
+    from cluster.ray_runtime import ensure_ray
+    from envs.params import load_sim_params
+    from envs.scenario import load_scenarios
+
+    if not policies:
+        raise PipemedicError("--policy names no policy")
+    for name in policies:
+        make_policy(name)
+    scenario_list = load_scenarios(scenarios_path)
+    params = load_sim_params(sim_config if sim_config and sim_config.exists() else None)
+    started = time.perf_counter()
+    console.print(f"Evaluating {', '.join(policies)} on {len(scenario_list)} scenarios x {episodes} episodes (seed {seed})")
+    ensure_ray()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("policy x scenario tasks", total=len(policies) * len(scenario_list))
+        report = run(
+            policies,
+            scenario_list,
+            episodes=episodes,
+            seed=seed,
+            params=params,
+            on_progress=lambda done, total: progress.update(task, completed=done),
+        )
+    report["wall_time_s"] = round(time.perf_counter() - started, 1)
+    json_path, png_path = write_report(report, out)
+    print_report(report, per_scenario=per_scenario)
+    console.print(f"Ranking by MTTR (best first): {' < '.join(report['ranking_by_mttr'])}")
+    console.print(f"Wrote {json_path} and {png_path} in {report['wall_time_s']} s")
+    return report
+
+
+def print_report(report: dict, *, per_scenario: bool) -> None:
+    columns = [
+        ("MTTR s", "mttr_s", "{:.0f}"),
+        ("unresolved %", "unresolved_pct", "{:.1f}"),
+        ("SLO adherence", "slo_adherence", "{:.1%}"),
+        ("records lost", "records_lost", "{:,.0f}"),
+        ("cost", "cost", "{:.1f}"),
+        ("escalations", "escalations", "{:.2f}"),
+        ("TTFCA s", "ttfca_s", "{:.0f}"),
+    ]
+    for policy, result in report["policies"].items():
+        table = Table(title=f"{policy}", title_justify="left")
+        table.add_column("scenario")
+        for title, _, _ in columns:
+            table.add_column(title, justify="right")
+        rows = list(result["per_scenario"].items()) if per_scenario else []
+        for name, metrics in [*rows, ("OVERALL", result["overall"])]:
+            table.add_row(name, *(fmt.format(metrics[key]) for _, key, fmt in columns), style="bold" if name == "OVERALL" else None)
+        console.print(table)
+
+
+@scenarios_app.command("check")
+def scenarios_check(path: Annotated[Path, typer.Argument(help="A scenario file or folder.")] = Path("configs/scenarios")) -> None:
+    """Validate scenario files and list what they inject."""
+    from envs.scenario import load_scenarios
+
+    try:
+        scenarios = load_scenarios(path)
+    except PipemedicError as exc:
+        _fail(exc)
+    table = Table(title=f"{len(scenarios)} valid scenarios in {path}", title_justify="left")
+    for col in ("name", "steps", "faults", "random faults/h"):
+        table.add_column(col)
+    for s in scenarios:
+        faults = ", ".join(f"{f.type}@{f.stage}:{f.at}" for f in s.faults) or "-"
+        rate = s.random_faults.rate_per_hour if s.random_faults else 0
+        table.add_row(s.name, str(s.duration_steps), faults, f"{rate:g}")
+    console.print(table)
+
+
+@bench_app.command("sim")
+def bench_sim(
+    pipelines: Annotated[list[int] | None, typer.Option(help="Batch sizes to measure (repeatable).")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = 300,
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+) -> None:
+    """Simulator speed in pipeline-steps/s, on one core (this process)."""
+    from cluster.bench import bench_simulator
+
+    table = Table(title="Simulator speed (one process, random actions)", title_justify="left")
+    for col in ("pipelines batched", "steps", "median steps/s", "min", "max"):
+        table.add_column(col, justify="right")
+    for n in pipelines or [1, 16, 256]:
+        r = bench_simulator(pipelines=n, steps=steps, repeats=repeats)
+        table.add_row(str(n), str(steps), f"{r['median_steps_per_s']:,.0f}", f"{r['min_steps_per_s']:,.0f}", f"{r['max_steps_per_s']:,.0f}")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the report.")] = Path("reports/demo"),
+    episodes: Annotated[int, typer.Option(min=1)] = 10,
+) -> None:
+    """The main job: evaluate the baselines on every scenario and print the result."""
+    try:
+        run_evaluation(
+            policies=DEFAULT_POLICIES.split(","),
+            scenarios_path=Path("configs/scenarios"),
+            episodes=episodes,
+            seed=0,
+            out=out,
+            sim_config=Path("configs/simulator.yaml"),
+            per_scenario=False,
+        )
+    except PipemedicError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The metrics of DESIGN.md, defined once and used by evaluation, training logs and dashboards.
+
+All functions work on plain per-step traces, so they can be checked on hand-built examples.
+
+- Incident: one injected fault.
+- MTTR: mean over incidents of (first step at which the fault is cleared and every SLO holds
+  again - onset step) x 10 s. An incident still open at the end counts with the time to the end
+  and also counts in ``unresolved_pct``.
+- SLO adherence: share of steps where p99 latency, error rate and freshness all hold.
+- Records lost: records dropped plus bad records delivered to a sink.
+- Cost: replica-steps x unit price + action costs.
+- Time to first correct action (TTFCA): onset -> first action in the fault's cure set (aimed at a
+  stage that cure accepts); an incident that never gets one counts with the time to the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.params import STEP_SECONDS
+
+METRIC_KEYS: tuple[str, ...] = (
+    "mttr_s",
+    "unresolved_pct",
+    "slo_adherence",
+    "records_lost",
+    "cost",
+    "escalations",
+    "ttfca_s",
+)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One fault of an episode. ``cleared``/``first_cure`` are None when they never happened."""
+
+    fault: str
+    onset: int
+    cleared: int | None
+    first_cure: int | None
+
+
+@dataclass(frozen=True)
+class IncidentOutcome:
+    recovery_steps: int  # onset -> recovered, or onset -> end when unresolved
+    resolved: bool
+    ttfca_steps: int
+
+
+def recovery_step(onset: int, cleared: int | None, slo_ok: Sequence[bool]) -> int | None:
+    """First step at or after ``cleared`` (and ``onset``) at which every SLO holds, or None."""
+    if cleared is None:
+        return None
+    slo = np.asarray(slo_ok, dtype=bool)
+    start = max(cleared, onset)
+    if start >= len(slo):
+        return None
+    hits = np.flatnonzero(slo[start:])
+    return None if len(hits) == 0 else start + int(hits[0])
+
+
+def incident_outcome(incident: Incident, slo_ok: Sequence[bool]) -> IncidentOutcome:
+    """Time to recover and to the first correct action, in steps, for one incident.
+
+    The trace covers steps 0..len(slo_ok)-1; "the end" is the last of them.
+    """
+    end = len(slo_ok) - 1
+    recovered = recovery_step(incident.onset, incident.cleared, slo_ok)
+    resolved = recovered is not None
+    recovery = (recovered if resolved else end) - incident.onset
+    first = incident.first_cure if incident.first_cure is not None else end
+    return IncidentOutcome(max(recovery, 0), resolved, max(first - incident.onset, 0))
+
+
+@dataclass(frozen=True)
+class EpisodeMetrics:
+    """Everything needed to aggregate one episode: per-incident outcomes and per-step sums."""
+
+    incidents: tuple[IncidentOutcome, ...]
+    steps: int
+    slo_ok_steps: int
+    records_lost: float
+    cost: float
+    escalations: int
+
+    def to_dict(self) -> dict:
+        return {
+            "incidents": [o.__dict__ for o in self.incidents],
+            "steps": self.steps,
+            "slo_ok_steps": self.slo_ok_steps,
+            "records_lost": self.records_lost,
+            "cost": self.cost,
+            "escalations": self.escalations,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EpisodeMetrics:
+        return cls(
+            incidents=tuple(IncidentOutcome(**o) for o in d["incidents"]),
+            steps=d["steps"],
+            slo_ok_steps=d["slo_ok_steps"],
+            records_lost=d["records_lost"],
+            cost=d["cost"],
+            escalations=d["escalations"],
+        )
+
+
+def episode_metrics(
+    *,
+    slo_ok: Sequence[bool],
+    records_lost: Sequence[float],
+    cost: Sequence[float],
+    escalations: Sequence[bool],
+    incidents: Iterable[Incident],
+) -> EpisodeMetrics:
+    """Summarise one episode's per-step trace and its incidents."""
+    slo = np.asarray(slo_ok, dtype=bool)
+    return EpisodeMetrics(
+        incidents=tuple(incident_outcome(i, slo) for i in incidents),
+        steps=len(slo),
+        slo_ok_steps=int(slo.sum()),
+        records_lost=float(np.sum(records_lost)),
+        cost=float(np.sum(cost)),
+        escalations=int(np.sum(escalations)),
+    )
+
+
+def aggregate(episodes: Sequence[EpisodeMetrics]) -> dict[str, float]:
+    """The report's figures over many episodes.
+
+    MTTR, unresolved share and TTFCA are over all incidents pooled (an episode with three
+    incidents weighs three times one with one); SLO adherence is over all steps pooled; records
+    lost, cost and escalations are means per episode.
+    """
+    if not episodes:
+        raise ValueError("aggregate needs at least one episode")
+    outcomes = [o for e in episodes for o in e.incidents]
+    n_eps = len(episodes)
+
+    def mean_s(values: list[int]) -> float:
+        return float(np.mean(values)) * STEP_SECONDS if values else 0.0
+
+    return {
+        "mttr_s": mean_s([o.recovery_steps for o in outcomes]),
+        "unresolved_pct": 100.0 * float(np.mean([not o.resolved for o in outcomes])) if outcomes else 0.0,
+        "slo_adherence": sum(e.slo_ok_steps for e in episodes) / sum(e.steps for e in episodes),
+        "records_lost": sum(e.records_lost for e in episodes) / n_eps,
+        "cost": sum(e.cost for e in episodes) / n_eps,
+        "escalations": sum(e.escalations for e in episodes) / n_eps,
+        "ttfca_s": mean_s([o.ttfca_steps for o in outcomes]),
+        "incidents": len(outcomes),
+    }
