@@ -47,7 +47,9 @@ class OncallPolicy:
         self.breach_streak = np.zeros(ctx.n, dtype=np.int64)
         self.last_pipeline: np.ndarray | None = None
 
-    def act(self, tel: Telemetry, truth: GroundTruth | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def act(
+        self, tel: Telemetry, truth: GroundTruth | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         self.last_pipeline = _fill_missing(tel.pipeline, self.last_pipeline)
         breached = _slo_breached(tel, self.ctx, self.last_pipeline)
         self.breach_streak = np.where(breached, self.breach_streak + 1, 0)
@@ -76,7 +78,9 @@ class OraclePolicy:
         self.cure_on_model = np.array([best_cure(f).target == "model" for f in FAULT_TYPES])
         self.model_index = model
 
-    def act(self, tel: Telemetry, truth: GroundTruth | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def act(
+        self, tel: Telemetry, truth: GroundTruth | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if truth is None:
             raise ValueError("the oracle needs the simulator's ground truth")
         n = self.ctx.n
@@ -145,7 +149,7 @@ COOLDOWN_STEPS: dict[str, int] = {
     "scale_in": 12,
     "restart_stage": 12,
     "failover": 6,
-    "throttle": 30,
+    "throttle": 6,
     "quarantine_batch": 3,
     "deduplicate": 60,
     "replay_from_backup": 12,
@@ -201,9 +205,17 @@ class RunbookPolicy:
         self.sinks = [i for i, s in enumerate(ctx.topology) if s in ("load", MODEL_STAGE)]
         self.parent = Topology(ctx.topology).parent
 
-    def act(self, tel: Telemetry, truth: GroundTruth | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def act(
+        self, tel: Telemetry, truth: GroundTruth | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        previous = self.last_stage
         self.last_stage = _fill_missing(tel.stage, self.last_stage)
         self.last_pipeline = _fill_missing(tel.pipeline, self.last_pipeline)
+        # Alerts on noisy gauges (traffic, CPU) fire only when two readings in a row agree,
+        # like a Prometheus rule with `for: 20s`; one noisy sample must not trigger an action.
+        self.sustained_stage = np.minimum(
+            self.last_stage, previous if previous is not None else self.last_stage
+        )
         breached = _slo_breached(tel, self.ctx, self.last_pipeline)
         actions = np.full(self.ctx.n, OBSERVE, dtype=np.int64)
         targets = np.zeros(self.ctx.n, dtype=np.int64)
@@ -292,16 +304,19 @@ class RunbookPolicy:
         for s in hot_mem:
             if ready("restart_stage", int(s)):
                 return "restart_stage", int(s)
+        sustained = {
+            m: self.sustained_stage[b, :, STAGE_INDEX[m]] for m in ("throughput_in_rps", "cpu")
+        }
         if mem.usual_inflow is not None:
-            surge = st["throughput_in_rps"] > th.surge_factor * mem.usual_inflow
+            surge = sustained["throughput_in_rps"] > th.surge_factor * mem.usual_inflow
             # The surge starts where inflow jumps; downstream stages just pass it on.
             for s in np.flatnonzero(surge):
                 parent = self.parent[s]
                 parent_surging = parent >= 0 and surge[parent]
-                if not parent_surging and st["throttle_on"][s] == 0 and ready("throttle", int(s)):
+                if not parent_surging and ready("throttle", int(s)):
                     return "throttle", int(s)
         backlog = st["queue"] > th.queue_s * np.maximum(st["throughput_in_rps"], 1.0)
-        hot = (st["cpu"] > th.cpu_hot) & backlog
+        hot = (sustained["cpu"] > th.cpu_hot) & backlog
         for s in np.flatnonzero(hot):
             s = int(s)
             if mem.scale_outs.get(s, 0) >= 2 and ready("failover", s):
@@ -342,7 +357,9 @@ class RunbookPolicy:
         else:
             # Only steps that look normal update the baseline, so a surge is not learned.
             normal = inflow < 1.2 * mem.usual_inflow
-            mem.usual_inflow = np.where(normal, 0.95 * mem.usual_inflow + 0.05 * inflow, mem.usual_inflow)
+            mem.usual_inflow = np.where(
+                normal, 0.95 * mem.usual_inflow + 0.05 * inflow, mem.usual_inflow
+            )
         acc = pl["model_accuracy"]
         if not np.isnan(acc):
             if mem.usual_accuracy is None:

@@ -63,9 +63,7 @@ def make_policy(name: str) -> Policy:
     """A fresh policy by name; an unknown name is a ConfigError listing the known ones."""
     _load_builtin_policies()
     if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown policy {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        )
+        raise ConfigError(f"unknown policy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()
 
 

@@ -24,7 +24,11 @@ from rich.table import Table
 
 from envs.errors import PipemedicError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pipeline Medic: self-healing for data and ML pipelines.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Pipeline Medic: self-healing for data and ML pipelines.",
+)
 scenarios_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
 app.add_typer(scenarios_app, name="scenarios")
@@ -43,11 +47,17 @@ def _fail(exc: PipemedicError) -> None:
 @app.command()
 def evaluate(
     policy: Annotated[str, typer.Option(help="Comma-separated policy names.")] = DEFAULT_POLICIES,
-    scenarios: Annotated[Path, typer.Option(help="A scenario file or a folder of them.")] = Path("configs/scenarios"),
+    scenarios: Annotated[Path, typer.Option(help="A scenario file or a folder of them.")] = Path(
+        "configs/scenarios"
+    ),
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per scenario and policy.")] = 10,
     seed: Annotated[int, typer.Option(help="Evaluation seed (same faults for every policy).")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for report.json and report.png.")] = Path("reports/eval"),
-    sim_config: Annotated[Path | None, typer.Option(help="Simulator parameters YAML.")] = Path("configs/simulator.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder for report.json and report.png.")] = Path(
+        "reports/eval"
+    ),
+    sim_config: Annotated[Path | None, typer.Option(help="Simulator parameters YAML.")] = Path(
+        "configs/simulator.yaml"
+    ),
     per_scenario: Annotated[bool, typer.Option(help="Print per-scenario rows too.")] = True,
 ) -> None:
     """Evaluate policies on scenarios (Ray tasks in parallel) and write a report."""
@@ -76,7 +86,8 @@ def run_evaluation(
     per_scenario: bool,
 ) -> dict:
     from agents.policy import make_policy
-    from cluster.evaluate import evaluate as run, write_report
+    from cluster.evaluate import evaluate as run
+    from cluster.evaluate import write_report
     from cluster.ray_runtime import ensure_ray
     from envs.params import load_sim_params
     from envs.scenario import load_scenarios
@@ -88,7 +99,9 @@ def run_evaluation(
     scenario_list = load_scenarios(scenarios_path)
     params = load_sim_params(sim_config if sim_config and sim_config.exists() else None)
     started = time.perf_counter()
-    console.print(f"Evaluating {', '.join(policies)} on {len(scenario_list)} scenarios x {episodes} episodes (seed {seed})")
+    console.print(
+        f"Evaluating {', '.join(policies)} on {len(scenario_list)} scenarios x {episodes} episodes (seed {seed})"
+    )
     ensure_ray()
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -98,7 +111,9 @@ def run_evaluation(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("policy x scenario tasks", total=len(policies) * len(scenario_list))
+        task = progress.add_task(
+            "policy x scenario tasks", total=len(policies) * len(scenario_list)
+        )
         report = run(
             policies,
             scenario_list,
@@ -132,12 +147,20 @@ def print_report(report: dict, *, per_scenario: bool) -> None:
             table.add_column(title, justify="right")
         rows = list(result["per_scenario"].items()) if per_scenario else []
         for name, metrics in [*rows, ("OVERALL", result["overall"])]:
-            table.add_row(name, *(fmt.format(metrics[key]) for _, key, fmt in columns), style="bold" if name == "OVERALL" else None)
+            table.add_row(
+                name,
+                *(fmt.format(metrics[key]) for _, key, fmt in columns),
+                style="bold" if name == "OVERALL" else None,
+            )
         console.print(table)
 
 
 @scenarios_app.command("check")
-def scenarios_check(path: Annotated[Path, typer.Argument(help="A scenario file or folder.")] = Path("configs/scenarios")) -> None:
+def scenarios_check(
+    path: Annotated[Path, typer.Argument(help="A scenario file or folder.")] = Path(
+        "configs/scenarios"
+    ),
+) -> None:
     """Validate scenario files and list what they inject."""
     from envs.scenario import load_scenarios
 
@@ -157,7 +180,9 @@ def scenarios_check(path: Annotated[Path, typer.Argument(help="A scenario file o
 
 @bench_app.command("sim")
 def bench_sim(
-    pipelines: Annotated[list[int] | None, typer.Option(help="Batch sizes to measure (repeatable).")] = None,
+    pipelines: Annotated[
+        list[int] | None, typer.Option(help="Batch sizes to measure (repeatable).")
+    ] = None,
     steps: Annotated[int, typer.Option(min=1)] = 300,
     repeats: Annotated[int, typer.Option(min=1)] = 5,
 ) -> None:
@@ -169,7 +194,13 @@ def bench_sim(
         table.add_column(col, justify="right")
     for n in pipelines or [1, 16, 256]:
         r = bench_simulator(pipelines=n, steps=steps, repeats=repeats)
-        table.add_row(str(n), str(steps), f"{r['median_steps_per_s']:,.0f}", f"{r['min_steps_per_s']:,.0f}", f"{r['max_steps_per_s']:,.0f}")
+        table.add_row(
+            str(n),
+            str(steps),
+            f"{r['median_steps_per_s']:,.0f}",
+            f"{r['min_steps_per_s']:,.0f}",
+            f"{r['max_steps_per_s']:,.0f}",
+        )
     console.print(table)
 
 

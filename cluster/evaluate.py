@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=1)
-def _evaluate_pair(policy_name: str, scenario: Scenario, seed: int, episodes: int, params: SimParams) -> list[dict]:
+def _evaluate_pair(
+    policy_name: str, scenario: Scenario, seed: int, episodes: int, params: SimParams
+) -> list[dict]:
     policy = make_policy(policy_name)
     seeds = episode_seeds(scenario, seed, episodes)
     return [m.to_dict() for m in rollout(policy, scenario, seeds, params=params)]
@@ -72,12 +74,19 @@ def evaluate(
         if on_progress:
             on_progress(total - len(pending), total)
 
-    report: dict = {"policies": {}, "episodes": episodes, "seed": seed, "scenarios": [s.name for s in scenarios]}
+    report: dict = {
+        "policies": {},
+        "episodes": episodes,
+        "seed": seed,
+        "scenarios": [s.name for s in scenarios],
+    }
     for p in policies:
         per_scenario = {s.name: aggregate(results[(p, s.name)]) for s in scenarios}
         everything = [m for s in scenarios for m in results[(p, s.name)]]
         report["policies"][p] = {"overall": aggregate(everything), "per_scenario": per_scenario}
-    report["ranking_by_mttr"] = sorted(policies, key=lambda p: report["policies"][p]["overall"]["mttr_s"])
+    report["ranking_by_mttr"] = sorted(
+        policies, key=lambda p: report["policies"][p]["overall"]["mttr_s"]
+    )
     return report
 
 
@@ -118,7 +127,9 @@ def plot_report(report: dict, path: Path) -> None:
     ax_slo.set_ylim(0, 100)
     ax_slo.set_xticks(x + width * (len(policies) - 1) / 2)
     ax_slo.set_xticklabels([*scenarios, "OVERALL"], rotation=60, ha="right")
-    fig.suptitle(f"Pipeline Medic evaluation: {report['episodes']} episodes per scenario, seed {report['seed']}")
+    fig.suptitle(
+        f"Pipeline Medic evaluation: {report['episodes']} episodes per scenario, seed {report['seed']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -168,7 +168,6 @@ CURES: dict[str, tuple[Cure, ...]] = {
 HARMS: dict[str, tuple[Harm, ...]] = {
     "schema_drift": (
         Harm("scale_out", "cost", "more replicas parse the same bad schema; only the bill grows"),
-        Harm("restart_stage", "records_lost", "the restart drops the stage's queue"),
     ),
     "data_drift": (
         Harm("rollback_model", "records_lost", "an older model is even further from today's data"),
@@ -177,26 +176,34 @@ HARMS: dict[str, tuple[Harm, ...]] = {
         Harm("rollback_model", "records_lost", "an older model is even further from today's world"),
     ),
     "bad_model_deploy": (
-        Harm("restart_stage", "records_lost", "reloads the same bad model and drops the queue"),
+        Harm(
+            "scale_out",
+            "cost",
+            "more replicas of a bad model: the bill grows, predictions stay wrong",
+        ),
     ),
     "cpu_contention": (
-        Harm("restart_stage", "records_lost", "drops the queue; the noisy neighbour is still there"),
+        Harm(
+            "restart_stage", "records_lost", "drops the queue; the noisy neighbour is still there"
+        ),
     ),
     "memory_leak": (
-        Harm("scale_in", "slo", "fewer replicas while garbage collection already slows each one"),
+        Harm(
+            "scale_out", "cost", "more replicas that leak the same way and still run out of memory"
+        ),
     ),
     "node_failure": (
-        Harm("restart_stage", "records_lost", "restarts the surviving replicas, dropping the queue"),
+        Harm(
+            "restart_stage", "records_lost", "restarts the surviving replicas, dropping the queue"
+        ),
     ),
     "transient_timeout": (
-        Harm("restart_stage", "records_lost", "drops the queue; the timeouts are in a dependency"),
+        Harm("scale_out", "cost", "more replicas time out against the same dependency"),
     ),
     "traffic_surge": (
         Harm("restart_stage", "records_lost", "drops a queue that is longest exactly now"),
     ),
-    "downstream_outage": (
-        Harm("restart_stage", "records_lost", "drops the writes waiting for the sink to return"),
-    ),
+    "downstream_outage": (Harm("scale_out", "cost", "more writers hammer a sink that is down"),),
     "null_spike": (
         Harm("replay_from_backup", "records_lost", "replays delivered records again as duplicates"),
     ),
@@ -204,13 +211,17 @@ HARMS: dict[str, tuple[Harm, ...]] = {
         Harm("replay_from_backup", "records_lost", "replaying adds yet more duplicates"),
     ),
     "corrupt_batch": (
-        Harm("retry_backoff", "records_lost", "retrying the failed corrupt records delivers them"),
+        Harm(
+            "retry_backoff",
+            "records_lost",
+            "the retried batch delivers its corrupt rows, some twice",
+        ),
     ),
     "out_of_range": (
         Harm("replay_from_backup", "records_lost", "replays delivered records again as duplicates"),
     ),
     "late_data": (
-        Harm("restart_stage", "records_lost", "drops the little data that did arrive"),
+        Harm("scale_out", "cost", "more replicas do not make a late feed arrive sooner"),
     ),
 }
 

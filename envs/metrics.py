@@ -145,7 +145,9 @@ def aggregate(episodes: Sequence[EpisodeMetrics]) -> dict[str, float]:
 
     return {
         "mttr_s": mean_s([o.recovery_steps for o in outcomes]),
-        "unresolved_pct": 100.0 * float(np.mean([not o.resolved for o in outcomes])) if outcomes else 0.0,
+        "unresolved_pct": 100.0 * float(np.mean([not o.resolved for o in outcomes]))
+        if outcomes
+        else 0.0,
         "slo_adherence": sum(e.slo_ok_steps for e in episodes) / sum(e.steps for e in episodes),
         "records_lost": sum(e.records_lost for e in episodes) / n_eps,
         "cost": sum(e.cost for e in episodes) / n_eps,

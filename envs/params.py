@@ -55,7 +55,9 @@ class SimParams(BaseModel):
     base_error_rate: float = Field(0.0005, ge=0, lt=1, description="Errors of a healthy stage.")
     base_null_rate: float = Field(0.01, ge=0, lt=1, description="Legitimate nulls in the data.")
     base_accuracy: float = Field(0.92, gt=0, le=1, description="Healthy model accuracy.")
-    label_delay_steps: int = Field(6, ge=0, description="Accuracy is observed this many steps late.")
+    label_delay_steps: int = Field(
+        6, ge=0, description="Accuracy is observed this many steps late."
+    )
     diurnal_amplitude: float = Field(0.25, ge=0, lt=1, description="Day/night traffic swing.")
     traffic_noise: float = Field(0.05, ge=0, description="Log-normal sigma of arrivals per step.")
     telemetry_noise: float = Field(0.1, ge=0, description="Log-normal sigma of observed metrics.")
@@ -100,7 +102,9 @@ class SimParams(BaseModel):
         180.0, gt=0, description="On-call response, median (30 min, DESIGN.md)."
     )
     human_delay_sigma: float = Field(0.5, ge=0, description="Log-normal sigma of that delay.")
-    alert_after_steps: int = Field(2, ge=1, description="An SLO alert fires after this many bad steps.")
+    alert_after_steps: int = Field(
+        2, ge=1, description="An SLO alert fires after this many bad steps."
+    )
 
     def model_post_init(self, _context: object) -> None:
         unknown = set(self.headroom) - set(STAGES)

@@ -19,7 +19,9 @@ from envs.catalogue import DEFAULT_TOPOLOGY, FAULT_STAGES, FAULT_TYPES, MODEL_ST
 from envs.errors import ScenarioError
 
 # Faults that come and go by themselves; the random generator gives them a duration.
-TRANSIENT_FAULTS = frozenset({"transient_timeout", "traffic_surge", "downstream_outage", "late_data"})
+TRANSIENT_FAULTS = frozenset(
+    {"transient_timeout", "traffic_surge", "downstream_outage", "late_data"}
+)
 
 
 class _Strict(BaseModel):
@@ -78,7 +80,9 @@ class RandomFaults(_Strict):
     def _known_types(self) -> RandomFaults:
         unknown = [t for t in self.types if t not in FAULT_TYPES]
         if unknown:
-            raise ValueError(f"unknown fault type {unknown[0]!r}; allowed: {', '.join(FAULT_TYPES)}")
+            raise ValueError(
+                f"unknown fault type {unknown[0]!r}; allowed: {', '.join(FAULT_TYPES)}"
+            )
         return self
 
 
@@ -193,7 +197,9 @@ def draw_fault_schedule(scenario: Scenario, rng: np.random.Generator) -> FaultSc
     if scenario.random_faults is not None and scenario.random_faults.rate_per_hour > 0:
         hours = scenario.duration_steps * 10.0 / 3600.0
         n = rng.poisson(scenario.random_faults.rate_per_hour * hours)
-        types = [t for t in scenario.random_faults.types if set(FAULT_STAGES[t]) & set(scenario.topology)]
+        types = [
+            t for t in scenario.random_faults.types if set(FAULT_STAGES[t]) & set(scenario.topology)
+        ]
         for _ in range(n):
             ftype = types[rng.integers(len(types))]
             stages = [s for s in FAULT_STAGES[ftype] if s in scenario.topology]

@@ -173,7 +173,9 @@ class PipelineSim:
             raise ValueError(f"reset needs {self.n} seeds, one per pipeline; got {len(seeds)}")
         p, n, S = self.params, self.n, self.n_stages
         self.rng = np.random.default_rng([*map(int, seeds), 0x5EED])
-        schedules = [draw_fault_schedule(self.scenario, np.random.default_rng(int(s))) for s in seeds]
+        schedules = [
+            draw_fault_schedule(self.scenario, np.random.default_rng(int(s))) for s in seeds
+        ]
         self._set_faults(schedules)
         self.t = 0
         self.replicas = np.full((n, S), p.replicas, dtype=np.int64)
@@ -308,7 +310,9 @@ class PipelineSim:
         )
         works = addresses & (self.rng.random(addresses.shape) < self._cure_prob[ft, a[:, None]])
         self.f_clear_at = np.where(
-            works, np.minimum(self.f_clear_at, t + self._cure_delay[ft, a[:, None]]), self.f_clear_at
+            works,
+            np.minimum(self.f_clear_at, t + self._cure_delay[ft, a[:, None]]),
+            self.f_clear_at,
         )
 
         # Side effects of each action, whatever the fault.
@@ -339,9 +343,7 @@ class PipelineSim:
         # A replay restores data only when something was missing or corrupt at that stage;
         # otherwise it re-sends records that were already delivered.
         needed = (
-            active
-            & ((ft == _F["late_data"]) | (ft == _F["corrupt_batch"]))
-            & (fs == s[:, None])
+            active & ((ft == _F["late_data"]) | (ft == _F["corrupt_batch"])) & (fs == s[:, None])
         ).any(axis=1)
         self.replay_is_dup[b, st] = ~needed[b]
         b, _ = at("rollback_model")
@@ -387,7 +389,9 @@ class PipelineSim:
         ramp = np.ones_like(weight)
         ramp = np.where(self.f_type == _F["data_drift"], np.minimum(since / 30.0, 1.0), ramp)
         ramp = np.where(self.f_type == _F["concept_drift"], np.minimum(since / 20.0, 1.0), ramp)
-        return np.einsum("bf,bft,bfs->bts", weight * ramp, self._f_type_onehot, self._f_stage_onehot)
+        return np.einsum(
+            "bf,bft,bfs->bts", weight * ramp, self._f_type_onehot, self._f_stage_onehot
+        )
 
     def _human_fix(self) -> None:
         """An on-call engineer who was paged arrives now and fixes every active fault."""
@@ -396,7 +400,9 @@ class PipelineSim:
             return
         active = self.fault_active() & arriving[:, None]
         delay = self._best_cure_delay[self.f_type]
-        self.f_clear_at = np.where(active, np.minimum(self.f_clear_at, self.t + delay), self.f_clear_at)
+        self.f_clear_at = np.where(
+            active, np.minimum(self.f_clear_at, self.t + delay), self.f_clear_at
+        )
         self.f_first_cure_at = np.where(
             active & (self.f_first_cure_at == NEVER), self.t, self.f_first_cure_at
         )
@@ -408,20 +414,28 @@ class PipelineSim:
         self._human_fix()
         clearing = (self.f_clear_at <= t) & (self.f_cleared_at == NEVER)
         ending = (self.f_end <= t) & (self.f_cleared_at == NEVER)
-        self.f_cleared_at = np.where(clearing | ending, np.minimum(self.f_clear_at, self.f_end), self.f_cleared_at)
+        self.f_cleared_at = np.where(
+            clearing | ending, np.minimum(self.f_clear_at, self.f_end), self.f_cleared_at
+        )
         active = self.fault_active()
         E = self._effects(active)
         fx = {name: E[:, _F[name], :] for name in FAULT_TYPES}
 
         # A fresh deploy is when a bad model arrives; a finished retrain is a fresh deploy too.
-        deploy_now = ((self.f_type == _F["bad_model_deploy"]) & (self.f_onset == t) & self.f_valid).any(axis=1)
+        deploy_now = (
+            (self.f_type == _F["bad_model_deploy"]) & (self.f_onset == t) & self.f_valid
+        ).any(axis=1)
         retrained = self.retrain_done_at == t
         self.model_age = np.where(deploy_now | retrained, 0.0, self.model_age + 1)
         self.rollback_penalty[retrained] = 0.0
         self.retrain_done_at[retrained] = NEVER
 
         # Memory: leaks grow it, otherwise it settles back; at the limit the stage is OOM-killed.
-        self.mem = np.where(fx["memory_leak"] > 0, self.mem + 0.02 * fx["memory_leak"], np.maximum(0.5, self.mem - 0.05))
+        self.mem = np.where(
+            fx["memory_leak"] > 0,
+            self.mem + 0.02 * fx["memory_leak"],
+            np.maximum(0.5, self.mem - 0.05),
+        )
         oom = self.mem >= 1.0
         dropped = self._dropped_by_action
         self._dropped_by_action = np.zeros(n)
@@ -431,9 +445,9 @@ class PipelineSim:
             self.down_until[oom] = t + 1
             self.mem[oom] = 0.5
 
-        ready = np.maximum(
-            np.ceil(self.replicas * (1.0 - 0.5 * np.minimum(fx["node_failure"], 1.0))), 0
-        )
+        # A failed node takes up to three quarters of the stage's replicas with it.
+        lost_replicas = np.floor(0.75 * np.minimum(fx["node_failure"], 1.0) * self.replicas + 0.5)
+        ready = np.maximum(self.replicas - lost_replicas, 0)
         gc_slowdown = 1.0 - 0.5 * np.clip((self.mem - 0.8) / 0.2, 0.0, 1.0)
         capacity = (
             ready
@@ -508,7 +522,9 @@ class PipelineSim:
             failed = processed * error_rate[:, s]
             self.queue[:, s] = available - processed + np.where(retry_on[:, s], failed, 0.0)
             failed_lost[:, s] = np.where(retry_on[:, s], 0.0, failed)
-            overflow = np.maximum(self.queue[:, s] - p.max_queue_s * self.scenario.load.base_rps, 0.0)
+            overflow = np.maximum(
+                self.queue[:, s] - p.max_queue_s * self.scenario.load.base_rps, 0.0
+            )
             self.queue[:, s] -= overflow
             dropped += overflow
             out[:, s] = (processed - failed_lost[:, s] - np.where(retry_on[:, s], failed, 0.0)) / dt
@@ -518,15 +534,18 @@ class PipelineSim:
             dup_sh[:, s] = np.where(dedupe_on[:, s], 0.0, np.minimum(dup_total, 1.0))
             null_sh[:, s] = 1 - (1 - null_in) * (1 - 0.5 * np.minimum(fx["null_spike"][:, s], 1.0))
             oor_sh[:, s] = 1 - (1 - oor_in) * (1 - 0.4 * np.minimum(fx["out_of_range"][:, s], 1.0))
-            # Half of a corrupt batch fails parsing, half slips through; a retry re-sends the
-            # failed half too, so the corrupt rows land at the sink twice.
-            passed_corrupt = corrupt[:, s] / 2 * np.where(retry_on[:, s], 2.0, 1.0)
+            # Half of a corrupt batch fails parsing, half slips through. A retry re-sends the
+            # whole batch through the lenient retry path: the failed corrupt rows now land at
+            # the sink, and the ones that had slipped through land a second time.
+            passed_corrupt = corrupt[:, s] / 2 * np.where(retry_on[:, s], 3.0, 1.0)
             bad_sh[:, s] = 1 - (1 - bad_in) * (1 - passed_corrupt)
             schema_null[:, s] = 1 - (1 - sch_in) * (1 - 0.6 * schema_fail[:, s])
             psi[:, s] = psi_in + (0.1 + 0.4 * fx["data_drift"][:, s]) * (fx["data_drift"][:, s] > 0)
 
         # Latency: service time plus queueing wait (FIFO: the last record waits queue/capacity).
-        stage_latency = p.service_time_s * (1 + 10 * timeout_rate) + self.queue / np.maximum(capacity, 1.0)
+        stage_latency = p.service_time_s * (1 + 10 * timeout_rate) + self.queue / np.maximum(
+            capacity, 1.0
+        )
         if self._model >= 0:
             stage_latency[:, self._model] *= 1 + fx["bad_model_deploy"][:, self._model]
         e2e_latency = stage_latency[:, self._data_path].sum(axis=1)
@@ -560,11 +579,17 @@ class PipelineSim:
             wrong = out[:, m] * dt * (p.base_accuracy - accuracy)
 
         load = self._load
-        bad_at_sink = 1 - (1 - null_sh[:, load]) * (1 - dup_sh[:, load]) * (1 - oor_sh[:, load]) * (1 - bad_sh[:, load]) * (1 - schema_null[:, load])
+        bad_at_sink = 1 - (1 - null_sh[:, load]) * (1 - dup_sh[:, load]) * (1 - oor_sh[:, load]) * (
+            1 - bad_sh[:, load]
+        ) * (1 - schema_null[:, load])
         records_lost = dropped + failed_lost.sum(axis=1) + out[:, load] * dt * bad_at_sink + wrong
 
         slo = p.slo
-        slo_ok = (e2e_latency <= slo.p99_latency_s) & (e2e_error <= slo.error_rate) & (freshness <= slo.freshness_s)
+        slo_ok = (
+            (e2e_latency <= slo.p99_latency_s)
+            & (e2e_error <= slo.error_rate)
+            & (freshness <= slo.freshness_s)
+        )
         cost = (self.replicas.sum(axis=1) * p.replica_price) + self._last_action_cost
         self.history.append(StepOutcome(slo_ok, records_lost, cost, self._escalated.copy()))
         self._escalated = np.zeros(n, dtype=bool)
@@ -635,7 +660,17 @@ class PipelineSim:
 # Counters and settings the pipeline knows exactly (no noise, never missing).
 _EXACT_STAGE = np.isin(
     np.arange(len(STAGE_METRICS)),
-    [STAGE_INDEX[m] for m in ("replicas", "replicas_ready", "schema_mismatch", "retry_on", "dedupe_on", "throttle_on")],
+    [
+        STAGE_INDEX[m]
+        for m in (
+            "replicas",
+            "replicas_ready",
+            "schema_mismatch",
+            "retry_on",
+            "dedupe_on",
+            "throttle_on",
+        )
+    ],
 )
 _EXACT_PIPELINE = np.isin(
     np.arange(len(PIPELINE_METRICS)),

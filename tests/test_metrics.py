@@ -1,0 +1,92 @@
+"""The metric definitions, checked on hand-built traces with answers worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs.metrics import (
+    EpisodeMetrics,
+    Incident,
+    aggregate,
+    episode_metrics,
+    incident_outcome,
+    recovery_step,
+)
+
+T, F = True, False
+
+
+def test_recovery_waits_for_slos_after_the_fault_clears():
+    #        step: 0  1  2  3  4  5  6
+    slo_ok = [T, T, F, F, F, T, T]
+    # Cleared at 3, SLOs hold again first at 5: recovered at 5, MTTR = 5 - 2 = 3 steps.
+    assert recovery_step(onset=2, cleared=3, slo_ok=slo_ok) == 5
+    outcome = incident_outcome(Incident("cpu_contention", onset=2, cleared=3, first_cure=2), slo_ok)
+    assert (outcome.recovery_steps, outcome.resolved, outcome.ttfca_steps) == (3, True, 0)
+
+
+def test_fault_cleared_while_slos_hold_recovers_at_once():
+    slo_ok = [T, T, T, T]
+    assert recovery_step(onset=1, cleared=2, slo_ok=slo_ok) == 2
+
+
+def test_open_incident_counts_to_the_end_and_as_unresolved():
+    slo_ok = [T, F, F, F, F]  # last step is 4
+    outcome = incident_outcome(
+        Incident("null_spike", onset=1, cleared=None, first_cure=None), slo_ok
+    )
+    assert (outcome.recovery_steps, outcome.resolved, outcome.ttfca_steps) == (3, False, 3)
+
+
+def test_cleared_but_slos_never_recover_is_unresolved():
+    slo_ok = [T, F, F, F]
+    outcome = incident_outcome(Incident("memory_leak", onset=1, cleared=2, first_cure=1), slo_ok)
+    assert (outcome.recovery_steps, outcome.resolved) == (2, False)
+
+
+def test_aggregate_pools_incidents_and_steps_and_averages_per_episode():
+    # Episode A: 4 steps, 3 in SLO, one incident recovered in 2 steps, first cure after 1.
+    a = episode_metrics(
+        slo_ok=[T, F, T, T],
+        records_lost=[0, 100, 0, 0],
+        cost=[1, 1, 1, 1],
+        escalations=[F, F, F, F],
+        incidents=[Incident("schema_drift", onset=1, cleared=2, first_cure=2)],
+    )
+    # Episode B: 4 steps, 1 in SLO, two incidents: one recovered in 1 step, one open (to end: 2).
+    b = episode_metrics(
+        slo_ok=[T, F, T, F],
+        records_lost=[0, 50, 0, 250],
+        cost=[2, 2, 2, 2],
+        escalations=[F, T, F, F],
+        incidents=[
+            Incident("node_failure", onset=1, cleared=2, first_cure=1),
+            Incident("null_spike", onset=1, cleared=None, first_cure=None),
+        ],
+    )
+    report = aggregate([a, b])
+    # Recoveries 1, 1, 2 steps -> mean 4/3 steps = 13.33 s; TTFCA 1, 0, 2 -> 10 s.
+    assert report["mttr_s"] == pytest.approx(40 / 3)
+    assert report["ttfca_s"] == pytest.approx(10.0)
+    assert report["unresolved_pct"] == pytest.approx(100 / 3)
+    assert report["slo_adherence"] == pytest.approx(5 / 8)
+    assert report["records_lost"] == pytest.approx(200.0)
+    assert report["cost"] == pytest.approx(6.0)
+    assert report["escalations"] == pytest.approx(0.5)
+    assert report["incidents"] == 3
+
+
+def test_episode_metrics_survive_a_round_trip_through_dicts():
+    m = episode_metrics(
+        slo_ok=[T, F],
+        records_lost=[1.5, 2.5],
+        cost=[1, 1],
+        escalations=[F, T],
+        incidents=[Incident("late_data", onset=0, cleared=1, first_cure=0)],
+    )
+    assert EpisodeMetrics.from_dict(m.to_dict()) == m
+
+
+def test_aggregate_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="at least one episode"):
+        aggregate([])

@@ -1,0 +1,97 @@
+"""The simulator's contract: shapes, errors, determinism, truncation, a healthy baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from envs.catalogue import SIM_ACTIONS
+from envs.scenario import Scenario
+from envs.simulator import PipelineSim
+from envs.telemetry import PIPELINE_METRICS, STAGE_METRICS
+from tests.conftest import single_fault_scenario
+
+QUIET = Scenario.model_validate({"name": "quiet", "duration_steps": 60})
+
+
+def observe_all(sim: PipelineSim) -> None:
+    while not sim.done:
+        sim.step(np.zeros(sim.n, dtype=int), np.zeros(sim.n, dtype=int))
+
+
+def test_reset_returns_telemetry_of_the_documented_shape():
+    sim = PipelineSim(QUIET, n=3)
+    tel = sim.reset([1, 2, 3])
+    assert tel.stage.shape == (3, 5, len(STAGE_METRICS))
+    assert tel.pipeline.shape == (3, len(PIPELINE_METRICS))
+    assert tel.step == 0 and tel.topology == QUIET.topology
+
+
+def test_episode_is_truncated_after_duration_steps():
+    sim = PipelineSim(QUIET, n=1)
+    sim.reset([0])
+    observe_all(sim)
+    assert sim.t == QUIET.duration_steps and len(sim.history) == QUIET.duration_steps + 1
+    with pytest.raises(RuntimeError, match="episode is over"):
+        sim.step(np.zeros(1, dtype=int), np.zeros(1, dtype=int))
+
+
+def test_bad_actions_are_rejected_with_the_rule():
+    sim = PipelineSim(QUIET, n=2)
+    sim.reset([0, 1])
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        sim.step(np.zeros(3, dtype=int), np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match=f"action ids must be in \\[0, {len(SIM_ACTIONS)}\\)"):
+        sim.step(np.array([0, 99]), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match=r"target stages must be in \[0, 5\)"):
+        sim.step(np.zeros(2, dtype=int), np.array([0, 5]))
+    with pytest.raises(ValueError, match="one per pipeline"):
+        sim.reset([0])
+
+
+def test_same_seeds_give_the_same_episode():
+    scenario = single_fault_scenario("traffic_surge")
+    runs = []
+    for _ in range(2):
+        sim = PipelineSim(scenario, n=2)
+        sim.reset([5, 6])
+        rng = np.random.default_rng(0)
+        while not sim.done:
+            sim.step(rng.integers(len(SIM_ACTIONS), size=2), rng.integers(5, size=2))
+        runs.append(np.stack([h.records_lost for h in sim.history]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_fault_schedule_depends_only_on_the_episode_seed():
+    scenario = Scenario.model_validate({"name": "r", "random_faults": {"rate_per_hour": 6}})
+    pair, alone = PipelineSim(scenario, n=2), PipelineSim(scenario, n=1)
+    pair.reset([11, 12])
+    alone.reset([12])
+    k = int(alone.f_valid[0].sum())
+    np.testing.assert_array_equal(pair.f_onset[1, :k], alone.f_onset[0, :k])
+    np.testing.assert_array_equal(pair.f_type[1, :k], alone.f_type[0, :k])
+
+
+def test_healthy_pipeline_holds_its_slos_and_loses_only_background_errors():
+    sim = PipelineSim(QUIET, n=4)
+    sim.reset([0, 1, 2, 3])
+    observe_all(sim)
+    slo = np.stack([h.slo_ok for h in sim.history])
+    assert slo.mean() > 0.99
+    lost_per_step = np.mean([h.records_lost for h in sim.history[1:]])
+    # 5 stages x ~10,000 records/step x 0.0005 background error rate = ~25 records per step.
+    assert 15 < lost_per_step < 35
+
+
+def test_restart_with_a_full_queue_drops_the_in_flight_records():
+    scenario = single_fault_scenario("cpu_contention", at=1)
+    sim = PipelineSim(scenario, n=1)
+    sim.reset([3])
+    for _ in range(15):
+        sim.step(np.zeros(1, dtype=int), np.zeros(1, dtype=int))
+    stage = scenario.topology.index(scenario.faults[0].stage)
+    queued = sim.queue[0, stage]
+    assert queued > 10_000
+    sim.step(np.array([SIM_ACTIONS.index("restart_stage")]), np.array([stage]))
+    assert sim.history[-1].records_lost[0] >= queued
+    assert sim.queue[0, stage] == 0.0
