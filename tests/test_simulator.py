@@ -94,4 +94,5 @@ def test_restart_with_a_full_queue_drops_the_in_flight_records():
     assert queued > 10_000
     sim.step(np.array([SIM_ACTIONS.index("restart_stage")]), np.array([stage]))
     assert sim.history[-1].records_lost[0] >= queued
-    assert sim.queue[0, stage] == 0.0
+    # While the stage restarts, only this step's arrivals (about 10,000 records) wait in its queue.
+    assert sim.queue[0, stage] < 1.3 * scenario.load.base_rps * 10
