@@ -33,14 +33,15 @@ scenarios_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
 app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(bench_app, name="bench")
-console = Console()
+# Piped output (CI logs, `| tee`) is not clipped to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True)
 
 DEFAULT_POLICIES = "runbook,oncall,oracle"
 
 
 def _fail(exc: PipemedicError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
