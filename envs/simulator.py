@@ -40,6 +40,7 @@ from envs.catalogue import (
     MODEL_STAGE,
     SIM_ACTIONS,
     best_cure,
+    cure_for,
 )
 from envs.metrics import EpisodeMetrics, Incident, episode_metrics
 from envs.params import STEP_SECONDS, SimParams
@@ -164,6 +165,9 @@ class PipelineSim:
             [_A[best_cure(f).action] for f in FAULT_TYPES], dtype=np.int64
         )
         self._best_cure_delay = np.array([best_cure(f).delay_steps for f in FAULT_TYPES])
+        self._action_cost = np.array([self.params.action_cost[a] for a in SIM_ACTIONS])
+        # A retrain deploys a fresh model when it finishes, however it was triggered.
+        self._retrain_steps = cure_for("data_drift", "retrain_model").delay_steps
         self.t = 0
 
     # ------------------------------------------------------------------ episode control
@@ -298,8 +302,7 @@ class PipelineSim:
 
     def _apply_actions(self, a: np.ndarray, s: np.ndarray) -> None:
         p, t, rows = self.params, self.t, np.arange(self.n)
-        cost_table = np.array([p.action_cost[name] for name in SIM_ACTIONS])
-        self._last_action_cost = cost_table[a]
+        self._last_action_cost = self._action_cost[a]
 
         # Cures: which active faults does this action address, and does it work?
         active = self.fault_active()
@@ -354,9 +357,7 @@ class PipelineSim:
         )
         self.model_age[b] += 5_000  # the previous version is older
         b, _ = at("retrain_model")
-        self.retrain_done_at[b] = np.minimum(
-            self.retrain_done_at[b], t + CURES["data_drift"][0].delay_steps
-        )
+        self.retrain_done_at[b] = np.minimum(self.retrain_done_at[b], t + self._retrain_steps)
         b, _ = at("escalate")
         newly = b[self.human_at[b] == NEVER]
         delay = self.rng.lognormal(
