@@ -141,13 +141,21 @@ def print_report(report: dict, *, per_scenario: bool) -> None:
         ("escalations", "escalations", "{:.2f}"),
         ("TTFCA s", "ttfca_s", "{:.0f}"),
     ]
+    if not per_scenario:
+        table = Table(title="All scenarios, per policy", title_justify="left")
+        table.add_column("policy")
+        for title, _, _ in columns:
+            table.add_column(title, justify="right")
+        for policy, result in report["policies"].items():
+            table.add_row(policy, *(fmt.format(result["overall"][key]) for _, key, fmt in columns))
+        console.print(table)
+        return
     for policy, result in report["policies"].items():
         table = Table(title=f"{policy}", title_justify="left")
         table.add_column("scenario")
         for title, _, _ in columns:
             table.add_column(title, justify="right")
-        rows = list(result["per_scenario"].items()) if per_scenario else []
-        for name, metrics in [*rows, ("OVERALL", result["overall"])]:
+        for name, metrics in [*result["per_scenario"].items(), ("OVERALL", result["overall"])]:
             table.add_row(
                 name,
                 *(fmt.format(metrics[key]) for _, key, fmt in columns),
