@@ -21,7 +21,7 @@ OBSERVE = ACTION_ID["observe"]
 ESCALATE = ACTION_ID["escalate"]
 
 
-def _slo_breached(tel: Telemetry, ctx: EpisodeContext, last: np.ndarray) -> np.ndarray:
+def _slo_breached(ctx: EpisodeContext, last: np.ndarray) -> np.ndarray:
     """Per pipeline: does the observed telemetry breach any SLO? ``last`` holds the last
     observed pipeline metrics, used where a value is missing."""
     slo = ctx.params.slo
@@ -51,7 +51,7 @@ class OncallPolicy:
         self, tel: Telemetry, truth: GroundTruth | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         self.last_pipeline = _fill_missing(tel.pipeline, self.last_pipeline)
-        breached = _slo_breached(tel, self.ctx, self.last_pipeline)
+        breached = _slo_breached(self.ctx, self.last_pipeline)
         self.breach_streak = np.where(breached, self.breach_streak + 1, 0)
         paged = tel.of_pipeline("human_paged") > 0
         page = (self.breach_streak >= self.ctx.params.alert_after_steps) & ~paged
@@ -216,7 +216,7 @@ class RunbookPolicy:
         self.sustained_stage = np.minimum(
             self.last_stage, previous if previous is not None else self.last_stage
         )
-        breached = _slo_breached(tel, self.ctx, self.last_pipeline)
+        breached = _slo_breached(self.ctx, self.last_pipeline)
         actions = np.full(self.ctx.n, OBSERVE, dtype=np.int64)
         targets = np.zeros(self.ctx.n, dtype=np.int64)
         for b in range(self.ctx.n):

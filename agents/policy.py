@@ -27,7 +27,6 @@ class EpisodeContext:
     n: int
     topology: tuple[str, ...]
     params: SimParams
-    base_rps: float
 
 
 class Policy(Protocol):

@@ -35,14 +35,7 @@ def rollout(
     """Run one episode per seed, all at once in one vectorised simulator, and measure them."""
     sim = PipelineSim(scenario, params, n=len(seeds))
     telemetry = sim.reset(seeds)
-    policy.reset(
-        EpisodeContext(
-            n=len(seeds),
-            topology=scenario.topology,
-            params=sim.params,
-            base_rps=scenario.load.base_rps,
-        )
-    )
+    policy.reset(EpisodeContext(n=len(seeds), topology=scenario.topology, params=sim.params))
     while not sim.done:
         truth = sim.ground_truth() if policy.needs_ground_truth else None
         actions, targets = policy.act(telemetry, truth)

@@ -16,7 +16,7 @@ All functions work on plain per-step traces, so they can be checked on hand-buil
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class EpisodeMetrics:
 
     def to_dict(self) -> dict:
         return {
-            "incidents": [o.__dict__ for o in self.incidents],
+            "incidents": [asdict(o) for o in self.incidents],
             "steps": self.steps,
             "slo_ok_steps": self.slo_ok_steps,
             "records_lost": self.records_lost,

@@ -344,14 +344,13 @@ class PipelineSim:
         b, st = at("replay_from_backup")
         self.replay_until[b, st] = t + p.replay_steps
         # A replay restores data only when something was missing or corrupt at that stage;
-        # otherwise it re-sends records that were already delivered.
-        needed = (
-            active & ((ft == _F["late_data"]) | (ft == _F["corrupt_batch"])) & (fs == s[:, None])
-        ).any(axis=1)
-        self.replay_is_dup[b, st] = ~needed[b]
+        # otherwise it re-sends records that were already delivered. Only pipelines that
+        # replay this step are looked at: this runs every step.
+        restores = (ft[b] == _F["late_data"]) | (ft[b] == _F["corrupt_batch"])
+        self.replay_is_dup[b, st] = ~(active[b] & restores & (fs[b] == st[:, None])).any(axis=1)
         b, _ = at("rollback_model")
-        bad_deploy = (active & (ft == _F["bad_model_deploy"])).any(axis=1)
-        stale = b[~bad_deploy[b]]
+        bad_deploy = (active[b] & (ft[b] == _F["bad_model_deploy"])).any(axis=1)
+        stale = b[~bad_deploy]
         self.rollback_penalty[stale] = np.minimum(
             self.rollback_penalty[stale] + p.rollback_staleness, 3 * p.rollback_staleness
         )

@@ -67,6 +67,3 @@ class Telemetry:
     def of_pipeline(self, metric: str) -> np.ndarray:
         """One pipeline-wide metric for all pipelines, shape (n,)."""
         return self.pipeline[:, PIPELINE_INDEX[metric]]
-
-    def __len__(self) -> int:
-        return self.stage.shape[0]

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from agents.policy import available_policies, make_policy
+from agents.policy import EpisodeContext, available_policies, make_policy
 from agents.rollout import episode_seeds, rollout
 from envs.errors import ConfigError
 from envs.metrics import aggregate
 from envs.scenario import load_scenario
+from envs.simulator import PipelineSim
 
 LIBRARY = Path(__file__).parent.parent / "configs" / "scenarios"
 
@@ -25,15 +26,12 @@ def test_registry_names_the_baselines_and_rejects_unknown_names():
 
 def test_oracle_refuses_to_act_without_ground_truth():
     scenario = load_scenario(LIBRARY / "null-spike.yaml")
+    sim = PipelineSim(scenario, n=1)
+    telemetry = sim.reset([0])
+    oracle = make_policy("oracle")
+    oracle.reset(EpisodeContext(n=1, topology=scenario.topology, params=sim.params))
     with pytest.raises(ValueError, match="ground truth"):
-        from agents.policy import EpisodeContext
-        from envs.simulator import PipelineSim
-
-        sim = PipelineSim(scenario, n=1)
-        tel = sim.reset([0])
-        oracle = make_policy("oracle")
-        oracle.reset(EpisodeContext(1, scenario.topology, sim.params, 1000.0))
-        oracle.act(tel, None)
+        oracle.act(telemetry, None)
 
 
 @pytest.mark.parametrize(

@@ -33,47 +33,40 @@ def test_library_covers_every_fault_type_and_has_concurrent_cross_domain_scenari
     assert len(concurrent) >= 5
 
 
-def test_unknown_fault_type_names_file_key_and_allowed_values(tmp_path):
-    path = write(
-        tmp_path, "name: x\nfaults:\n  - {type: gremlins, stage: ingest, at: 3, severity: 0.5}\n"
-    )
-    with pytest.raises(
-        ScenarioError,
-        match=r"bad\.yaml: faults\.0: unknown fault type 'gremlins'; allowed: schema_drift",
-    ):
-        load_scenario(path)
-
-
-def test_unknown_key_lists_the_keys_allowed_there(tmp_path):
-    path = write(tmp_path, "name: x\nload: {base_rps: 10, pattren: flat}\n")
-    with pytest.raises(
-        ScenarioError,
-        match=r"bad\.yaml: load: unknown key 'pattren'; allowed keys: base_rps, pattern, bursts",
-    ):
-        load_scenario(path)
-
-
-def test_fault_on_a_stage_it_cannot_hit_is_rejected(tmp_path):
-    path = write(
-        tmp_path,
-        "name: x\nfaults:\n  - {type: concept_drift, stage: ingest, at: 3, severity: 0.5}\n",
-    )
-    with pytest.raises(
-        ScenarioError,
-        match=r"faults\.0: fault 'concept_drift' cannot target stage 'ingest'; allowed: model",
-    ):
-        load_scenario(path)
-
-
-def test_fault_on_a_stage_missing_from_the_topology_is_rejected(tmp_path):
-    path = write(
-        tmp_path,
-        "name: x\ntopology: [ingest, load]\nfaults:\n  - {type: null_spike, stage: transform, at: 3, severity: 0.5}\n",
-    )
-    with pytest.raises(
-        ScenarioError, match=r"faults\.0\.stage: 'transform' is not in the topology"
-    ):
-        load_scenario(path)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "name: x\nfaults:\n  - {type: gremlins, stage: ingest, at: 3, severity: 0.5}\n",
+            r"bad\.yaml: faults\.0: unknown fault type 'gremlins'; allowed: schema_drift",
+            id="unknown-fault-type",
+        ),
+        pytest.param(
+            "name: x\nload: {base_rps: 10, pattren: flat}\n",
+            r"bad\.yaml: load: unknown key 'pattren'; allowed keys: base_rps, pattern, bursts",
+            id="unknown-key",
+        ),
+        pytest.param(
+            "name: x\nfaults:\n  - {type: concept_drift, stage: ingest, at: 3, severity: 0.5}\n",
+            r"faults\.0: fault 'concept_drift' cannot target stage 'ingest'; allowed: model",
+            id="stage-the-fault-cannot-hit",
+        ),
+        pytest.param(
+            "name: x\ntopology: [ingest, load]\n"
+            "faults:\n  - {type: null_spike, stage: transform, at: 3, severity: 0.5}\n",
+            r"faults\.0\.stage: 'transform' is not in the topology",
+            id="stage-missing-from-topology",
+        ),
+        pytest.param(
+            "name: x\ntopology: [load, ingest]\n",
+            r"topology: stages must be listed once each, in pipeline order",
+            id="topology-out-of-order",
+        ),
+    ],
+)
+def test_bad_scenario_names_file_key_and_allowed_values(tmp_path, text, message):
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(write(tmp_path, text))
 
 
 def test_wrong_value_type_and_bad_yaml_are_clear(tmp_path):
