@@ -69,3 +69,4 @@ def make_policy(name: str) -> Policy:
 def _load_builtin_policies() -> None:
     # Imported for their registration side effect; late to avoid an import cycle.
     import agents.baselines  # noqa: F401
+    import agents.inference  # noqa: F401

@@ -55,3 +55,41 @@ def bench_simulator(*, pipelines: int, steps: int, repeats: int, seed: int = 0) 
         "min_steps_per_s": min(rates),
         "max_steps_per_s": max(rates),
     }
+
+
+def bench_training(
+    config: str, *, runners: int, iterations: int = 6, kind: str = "hierarchical"
+) -> dict[str, float]:
+    """PPO training throughput with ``runners`` env runners: pipeline-steps per second of whole
+    iterations (sampling + learning) and of sampling alone, medians over ``iterations`` after
+    one warm-up iteration. No warm start, no evaluation: just RLlib's loop."""
+    from agents.inference import AGENTS_OF_KIND
+    from agents.ppo_config import build_ppo_config, load_train_config
+    from cluster.ray_runtime import ensure_ray
+
+    cfg = load_train_config(config, kind=kind)
+    cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"env_runners": runners})})
+    ensure_ray()
+    algo = build_ppo_config(cfg).build_algo()
+    top = AGENTS_OF_KIND[kind][0]
+    whole, sampling = [], []
+    try:
+        before = 0
+        for i in range(iterations + 1):
+            t0 = time.perf_counter()
+            result = algo.train()
+            dt = time.perf_counter() - t0
+            steps = int(result["env_runners"]["num_module_steps_sampled_lifetime"][top])
+            if i > 0:  # the first iteration pays for start-up
+                whole.append((steps - before) / dt)
+                sampling.append((steps - before) / result["timers"]["env_runner_sampling_timer"])
+            before = steps
+    finally:
+        algo.stop()
+    return {
+        "runners": runners,
+        "pipelines_per_env": cfg.env.pipelines,
+        "envs_per_runner": cfg.ppo.envs_per_runner,
+        "median_iteration_steps_per_s": statistics.median(whole),
+        "median_sampling_steps_per_s": statistics.median(sampling),
+    }

@@ -1,6 +1,7 @@
 """The ``pipemedic`` command line.
 
-    pipemedic evaluate --policy runbook,oncall,oracle --scenarios configs/scenarios --out reports/eval
+    pipemedic train --config configs/train.yaml          (same as python -m cluster.train)
+    pipemedic evaluate --policy hierarchical,flat,runbook,oncall,oracle --held-out --out reports/eval
     pipemedic scenarios check configs/scenarios
     pipemedic bench sim
     pipemedic demo
@@ -35,9 +36,10 @@ app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(bench_app, name="bench")
 # Piped output (CI logs, `| tee`) is not clipped to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 150)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_POLICIES = "runbook,oncall,oracle"
+DEMO_POLICIES = "hierarchical,flat,runbook,oncall,oracle"
 
 
 def _fail(exc: PipemedicError) -> None:
@@ -60,12 +62,20 @@ def evaluate(
         "configs/simulator.yaml"
     ),
     per_scenario: Annotated[bool, typer.Option(help="Print per-scenario rows too.")] = True,
+    held_out: Annotated[
+        bool, typer.Option(help="Use the held-out scenarios of --train-config instead.")
+    ] = False,
+    train_config: Annotated[
+        Path, typer.Option(help="Training config naming the held-out set.")
+    ] = Path("configs/train.yaml"),
 ) -> None:
-    """Evaluate policies on scenarios (Ray tasks in parallel) and write a report."""
+    """Evaluate policies on scenarios (Ray tasks in parallel) and write a report.
+
+    ``hierarchical`` and ``flat`` are the promoted bundles in STORE/policies (train first)."""
     try:
         run_evaluation(
             policies=[p.strip() for p in policy.split(",") if p.strip()],
-            scenarios_path=scenarios,
+            scenarios_path=_held_out_files(train_config) if held_out else scenarios,
             episodes=episodes,
             seed=seed,
             out=out,
@@ -76,10 +86,16 @@ def evaluate(
         _fail(exc)
 
 
+def _held_out_files(train_config: Path) -> list[Path]:
+    from agents.ppo_config import load_train_config
+
+    return [Path(p) for p in load_train_config(train_config).held_out]
+
+
 def run_evaluation(
     *,
     policies: list[str],
-    scenarios_path: Path,
+    scenarios_path: Path | list[Path],
     episodes: int,
     seed: int,
     out: Path,
@@ -91,13 +107,16 @@ def run_evaluation(
     from cluster.evaluate import write_report
     from cluster.ray_runtime import ensure_ray
     from envs.params import load_sim_params
-    from envs.scenario import load_scenarios
+    from envs.scenario import load_scenario, load_scenarios
 
     if not policies:
         raise PipemedicError("--policy names no policy")
     for name in policies:
         make_policy(name)
-    scenario_list = load_scenarios(scenarios_path)
+    if isinstance(scenarios_path, list):
+        scenario_list = [load_scenario(p) for p in scenarios_path]
+    else:
+        scenario_list = load_scenarios(scenarios_path)
     params = load_sim_params(sim_config if sim_config and sim_config.exists() else None)
     started = time.perf_counter()
     console.print(
@@ -214,15 +233,99 @@ def bench_sim(
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Option(help="Training config (YAML).")] = Path(
+        "configs/train.yaml"
+    ),
+    kind: Annotated[str | None, typer.Option(help="Override: hierarchical or flat.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default STORE/runs/KIND).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in --out, start over.")] = False,
+) -> None:
+    """Train with RLlib PPO (resumes from the latest checkpoint); same as python -m cluster.train."""
+    from agents.inference import store_root
+    from agents.ppo_config import load_train_config
+    from cluster.train import train as run_training
+
+    try:
+        cfg = load_train_config(config, kind=kind)
+        summary = run_training(
+            cfg, out or store_root() / "runs" / cfg.kind, fresh=fresh, console=err_console
+        )
+    except PipemedicError as exc:
+        _fail(exc)
+    console.print(
+        f"Trained {cfg.kind}: {summary['pipeline_steps']:,} pipeline steps in "
+        f"{summary['train_seconds']:.0f} s; policy at {summary.get('promoted', summary['bundle'])}"
+    )
+
+
+@bench_app.command("train")
+def bench_train(
+    runners: Annotated[
+        list[int] | None, typer.Option(help="Env-runner counts to measure (repeatable).")
+    ] = None,
+    config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
+    iterations: Annotated[int, typer.Option(min=1)] = 6,
+    kind: Annotated[str, typer.Option(help="hierarchical or flat")] = "hierarchical",
+) -> None:
+    """PPO throughput (pipeline-steps/s) with 1 and 2 env runners, side by side in one run."""
+    from cluster.bench import bench_training
+
+    table = Table(title=f"PPO training throughput, {kind} ({config})", title_justify="left")
+    for col in (
+        "env runners",
+        "pipelines/env x envs/runner",
+        "iteration steps/s (median)",
+        "sampling steps/s (median)",
+    ):
+        table.add_column(col, justify="right")
+    try:
+        for r in runners or [1, 2]:
+            res = bench_training(str(config), runners=r, iterations=iterations, kind=kind)
+            table.add_row(
+                str(r),
+                f"{res['pipelines_per_env']} x {res['envs_per_runner']}",
+                f"{res['median_iteration_steps_per_s']:,.0f}",
+                f"{res['median_sampling_steps_per_s']:,.0f}",
+            )
+    except PipemedicError as exc:
+        _fail(exc)
+    console.print(table)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the report.")] = Path("reports/demo"),
     episodes: Annotated[int, typer.Option(min=1)] = 10,
+    config: Annotated[Path, typer.Option(help="Training config of the demo.")] = Path(
+        "configs/train-quick.yaml"
+    ),
 ) -> None:
-    """The main job: evaluate the baselines on every scenario and print the result."""
+    """The main job: train hierarchical and flat quickly, then evaluate them against the
+    baselines on the held-out scenarios and print the table.
+
+    The demo keeps its own store (store/demo) so it never replaces a policy trained with the
+    default config."""
+    import os
+
+    from agents.ppo_config import load_train_config
+    from cluster.train import train as run_training
+
+    os.environ.setdefault("PIPEMEDIC_STORE_URI", "store/demo")
+    store = Path(os.environ["PIPEMEDIC_STORE_URI"])
     try:
+        for kind in ("hierarchical", "flat"):
+            cfg = load_train_config(config, kind=kind)
+            console.print(
+                f"Training {kind} with {config} (budget {cfg.stop.pipeline_steps:,} pipeline steps)"
+            )
+            summary = run_training(cfg, store / "runs" / kind, fresh=True, console=err_console)
+            console.print(
+                f"  {summary['pipeline_steps']:,} pipeline steps in {summary['train_seconds']:.0f} s"
+            )
         run_evaluation(
-            policies=DEFAULT_POLICIES.split(","),
-            scenarios_path=Path("configs/scenarios"),
+            policies=DEMO_POLICIES.split(","),
+            scenarios_path=_held_out_files(config),
             episodes=episodes,
             seed=0,
             out=out,

@@ -23,9 +23,12 @@ def ensure_ray(*, num_cpus: int | None = None) -> None:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=False)
     else:
+        # Workers read where the store is from the environment, as the driver does.
+        env_vars = {k: v for k, v in os.environ.items() if k.startswith("PIPEMEDIC_")}
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
         )

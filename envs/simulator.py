@@ -203,6 +203,7 @@ class PipelineSim:
         self._last_action_cost = np.zeros(n)
         self._escalated = np.zeros(n, dtype=bool)
         self._dropped_by_action = np.zeros(n)
+        self.last_action_addressed = np.zeros(n, dtype=bool)
         return self._simulate_and_observe()
 
     def _set_faults(self, schedules: list[FaultSchedule]) -> None:
@@ -311,6 +312,8 @@ class PipelineSim:
         self.f_first_cure_at = np.where(
             addresses & (self.f_first_cure_at == NEVER), t, self.f_first_cure_at
         )
+        # For rewards: did this action address an active fault that had no cure under way?
+        self.last_action_addressed = (addresses & (self.f_clear_at == NEVER)).any(axis=1)
         works = addresses & (self.rng.random(addresses.shape) < self._cure_prob[ft, a[:, None]])
         self.f_clear_at = np.where(
             works,
@@ -438,6 +441,7 @@ class PipelineSim:
         )
         oom = self.mem >= 1.0
         dropped = self._dropped_by_action
+        self.last_action_dropped = dropped  # for rewards: records this step's action dropped
         self._dropped_by_action = np.zeros(n)
         if oom.any():
             dropped += (self.queue * oom).sum(axis=1)

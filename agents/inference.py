@@ -1,0 +1,254 @@
+"""Deciding without Ray: load an exported policy and run master → specialist in one call.
+
+A *policy bundle* is a folder written by training (``export_bundle``)::
+
+    policy.json            kind (hierarchical|flat), per-agent sizes, training facts
+    master.safetensors     one weights file per agent (safetensors: loading runs no code)
+    drift.safetensors ...
+
+``LearnedPolicy`` is the one code path that turns telemetry into a decision for a learned
+policy: the evaluation harness uses it for ``hierarchical`` and ``flat``, and serving will too.
+Decisions are greedy (the most probable allowed action) unless ``sample=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from agents.networks import PolicyValueNet
+from agents.policy import EpisodeContext, register_policy
+from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, STAGES
+from envs.errors import CheckpointError
+from envs.observation import (
+    LAYOUTS,
+    N_SLOTS,
+    UNTARGETED_ACTIONS,
+    ActionLayout,
+    ObservationEncoder,
+    observation_size,
+)
+from envs.simulator import GroundTruth
+from envs.telemetry import Telemetry
+
+BUNDLE_FORMAT = "pipemedic-policy-v1"
+AGENTS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "hierarchical": ("master", *DOMAINS),
+    "flat": ("flat",),
+}
+_VIEW = {"master": "master", "flat": "master", **{d: d for d in DOMAINS}}
+
+
+def agent_sizes(agent: str) -> tuple[int, int]:
+    """(observation size, number of actions) of an agent's network."""
+    return observation_size(_VIEW[agent]), LAYOUTS[agent].size
+
+
+def store_root() -> Path:
+    """Where tables and policies live: ``PIPEMEDIC_STORE_URI`` or ``./store``."""
+    return Path(os.environ.get("PIPEMEDIC_STORE_URI", "store"))
+
+
+def default_bundle_dir(kind: str) -> Path:
+    """The bundle ``--policy KIND`` means: ``STORE/policies/KIND`` (the promoted one)."""
+    return store_root() / "policies" / kind
+
+
+def export_bundle(
+    out: Path, kind: str, nets: dict[str, PolicyValueNet], info: dict[str, Any]
+) -> Path:
+    """Write a bundle atomically (to a temporary folder, then renamed into place)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    agents = {}
+    for agent, net in nets.items():
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+            str(tmp / f"{agent}.safetensors"),
+        )
+        agents[agent] = {"obs_size": net.obs_size, "n_actions": net.n_actions, "hidden": net.hidden}
+    manifest = {"format": BUNDLE_FORMAT, "kind": kind, "agents": agents, **info}
+    (tmp / "policy.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            _rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        _rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, PolicyValueNet]]:
+    """Manifest and networks of a bundle; a clear CheckpointError when anything is off."""
+    path = Path(path)
+    manifest_file = path / "policy.json"
+    if not manifest_file.exists():
+        raise CheckpointError(
+            f"no policy bundle at {path} (missing policy.json); train one with "
+            "`python -m cluster.train --config configs/train.yaml`"
+        )
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(
+            f"{manifest_file}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT}"
+        )
+    kind = manifest.get("kind")
+    if kind not in AGENTS_OF_KIND:
+        raise CheckpointError(f"{manifest_file}: unknown kind {kind!r}")
+    nets = {}
+    for agent in AGENTS_OF_KIND[kind]:
+        spec = manifest["agents"].get(agent)
+        if spec is None:
+            raise CheckpointError(f"{manifest_file}: agent {agent!r} missing")
+        expected = agent_sizes(agent)
+        if (spec["obs_size"], spec["n_actions"]) != expected:
+            raise CheckpointError(
+                f"{path}: agent {agent!r} was trained for observation/action sizes "
+                f"{(spec['obs_size'], spec['n_actions'])}, this code uses {expected}"
+            )
+        net = PolicyValueNet(spec["obs_size"], spec["n_actions"], spec["hidden"])
+        net.load_state_dict(load_file(str(path / f"{agent}.safetensors")))
+        net.eval()
+        nets[agent] = net
+    return manifest, nets
+
+
+@dataclass
+class Decision:
+    """Decisions for a batch of pipelines (arrays of shape (n,) unless noted)."""
+
+    action: np.ndarray  # sim action ids (SIM_ACTIONS)
+    slot: np.ndarray  # stage slots (envs.observation: STAGES order)
+    stage: np.ndarray  # topology indices, what the simulator takes
+    specialist: list[str | None]  # the specialist that chose, None when the master acted alone
+    master_probs: np.ndarray | None  # (n, len(MASTER_ACTIONS)); None for flat
+    # Per pipeline: for each agent that decided, its most probable choices ("action@stage").
+    action_probs: list[dict[str, dict[str, float]]] = field(default_factory=list)
+
+
+class LearnedPolicy:
+    """A trained ``hierarchical`` or ``flat`` policy; implements ``agents.policy.Policy``."""
+
+    needs_ground_truth = False
+
+    def __init__(
+        self, manifest: dict[str, Any], nets: dict[str, PolicyValueNet], *, sample: bool = False
+    ):
+        self.manifest = manifest
+        self.name = manifest["kind"]
+        self.nets = nets
+        self.sample = sample
+        self._rng = np.random.default_rng(0)
+
+    @classmethod
+    def load(cls, path: Path | str, **kw: Any) -> LearnedPolicy:
+        manifest, nets = load_bundle(Path(path))
+        return cls(manifest, nets, **kw)
+
+    def reset(self, ctx: EpisodeContext) -> None:
+        self.encoder = ObservationEncoder(ctx.topology, ctx.params, n=ctx.n)
+
+    def act(
+        self, telemetry: Telemetry, truth: GroundTruth | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.encoder.update(telemetry)
+        d = self.decide(self.encoder)
+        self.encoder.record_action(d.action, d.slot)
+        return d.action, d.stage
+
+    # ------------------------------------------------------------------ the decision
+    @torch.no_grad()
+    def _probs(self, agent: str, enc: ObservationEncoder, rows: np.ndarray) -> np.ndarray:
+        obs = torch.from_numpy(enc.observe(_VIEW[agent])[rows]).clamp_(-10.0, 10.0)
+        mask = torch.from_numpy(enc.action_mask(agent)[rows])
+        return torch.softmax(self.nets[agent].logits(obs, mask), dim=-1).numpy()
+
+    def _choose(self, probs: np.ndarray) -> np.ndarray:
+        if not self.sample:
+            return probs.argmax(axis=1)
+        return np.array([self._rng.choice(len(p), p=p / p.sum()) for p in probs])
+
+    def decide(self, enc: ObservationEncoder) -> Decision:
+        """Master → specialist for every pipeline the encoder tracks (after ``enc.update``)."""
+        n = enc.n
+        everyone = np.arange(n)
+        action = np.full(n, ACTION_ID["observe"], dtype=np.int64)
+        slot = np.zeros(n, dtype=np.int64)
+        specialist: list[str | None] = [None] * n
+        probs_by_agent: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        master_probs = None
+        if self.name == "flat":
+            choosers = {"flat": everyone}
+        else:
+            master_probs = self._probs("master", enc, everyone)
+            choice = self._choose(master_probs)
+            probs_by_agent["master"] = (everyone, master_probs)
+            for i, c in enumerate(choice):
+                if not MASTER_ACTIONS[c].startswith("delegate_"):
+                    action[i] = ACTION_ID[MASTER_ACTIONS[c]]
+            choosers = {
+                d: np.flatnonzero(choice == MASTER_ACTIONS.index(f"delegate_{d}")) for d in DOMAINS
+            }
+        for agent, rows in choosers.items():
+            if len(rows) == 0:
+                continue
+            probs = self._probs(agent, enc, rows)
+            index = self._choose(probs)
+            action[rows], _ = enc.to_sim(agent, index)
+            slot[rows] = index % N_SLOTS  # untargeted actions are masked to slot 0
+            probs_by_agent[agent] = (rows, probs)
+            if agent in DOMAINS:
+                for i in rows:
+                    specialist[i] = agent
+        action_probs: list[dict[str, dict[str, float]]] = [{} for _ in range(n)]
+        for agent, (rows, probs) in probs_by_agent.items():
+            for j, i in enumerate(rows):
+                top = np.argsort(probs[j])[::-1][:5]
+                action_probs[i][agent] = {
+                    _label(LAYOUTS[agent], k): float(probs[j, k]) for k in top if probs[j, k] > 1e-4
+                }
+        return Decision(
+            action=action,
+            slot=slot,
+            stage=enc.stage_of_slot[slot],
+            specialist=specialist,
+            master_probs=master_probs,
+            action_probs=action_probs,
+        )
+
+
+def _label(layout: ActionLayout, index: int) -> str:
+    """``action@stage`` for a targeted choice, the bare action otherwise."""
+    action, slot = layout.decode(int(index))
+    targeted = layout.targeted and action not in UNTARGETED_ACTIONS
+    return f"{action}@{STAGES[slot]}" if targeted else action
+
+
+def _factory(kind: str):
+    def make() -> LearnedPolicy:
+        return LearnedPolicy.load(default_bundle_dir(kind))
+
+    return make
+
+
+for _kind in AGENTS_OF_KIND:
+    register_policy(_kind, _factory(_kind))

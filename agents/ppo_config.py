@@ -1,0 +1,161 @@
+"""The training configuration (``configs/train.yaml``) and the RLlib PPO config built from it.
+
+``TrainConfig`` validates the YAML (unknown keys are errors); ``build_ppo_config`` turns it into
+an RLlib ``PPOConfig`` on the new API stack: one ``MaskedPPOModule`` per agent (``master``,
+``drift``, ``infra``, ``quality``, or just ``flat``), each agent mapped to the module of its own
+name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agents.inference import AGENTS_OF_KIND
+from agents.warm_start import WarmStartConfig
+from envs.errors import ConfigError
+from envs.multi_agent_env import EnvConfig, RandomTraining, RewardWeights, module_of
+from envs.params import load_sim_params
+from envs.scenario import load_scenario
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvSection(_Strict):
+    scenarios: tuple[str, ...] = ()
+    random: RandomTraining = RandomTraining()
+    max_episode_steps: int | None = Field(200, ge=10)
+    rewards: RewardWeights = RewardWeights()
+    pipelines: int = Field(8, ge=1)
+    sim_config: str | None = None
+
+
+class PPOSection(_Strict):
+    env_runners: int = Field(2, ge=0)
+    envs_per_runner: int = Field(4, ge=1)
+    train_batch_size: int = Field(4000, ge=64)
+    minibatch_size: int = Field(500, ge=16)
+    num_epochs: int = Field(6, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    gamma: float = Field(0.98, gt=0, le=1)
+    lambda_: float = Field(0.95, ge=0, le=1, alias="lambda")
+    clip_param: float = Field(0.2, gt=0)
+    entropy_coeff: float = Field(0.01, ge=0)
+    vf_loss_coeff: float = Field(0.5, ge=0)
+    hidden: tuple[int, ...] = (128, 128)
+
+
+class StopSection(_Strict):
+    pipeline_steps: int = Field(1_000_000, ge=1, description="simulated pipeline steps (10 s each)")
+    minutes: float = Field(28.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    kind: Literal["hierarchical", "flat"] = "hierarchical"
+    seed: int = 0
+    env: EnvSection = EnvSection()
+    held_out: tuple[str, ...] = ()
+    ppo: PPOSection = PPOSection()
+    stop: StopSection = StopSection()
+    checkpoint_every: int = Field(5, ge=1)
+    evaluate_every: int = Field(10, ge=1)
+    eval_episodes: int = Field(3, ge=1)
+    warm_start: WarmStartConfig = WarmStartConfig()
+
+    @model_validator(mode="after")
+    def _held_out_never_trained(self) -> TrainConfig:
+        both = {Path(p).resolve() for p in self.env.scenarios} & {
+            Path(p).resolve() for p in self.held_out
+        }
+        if both:
+            raise ValueError(
+                f"held_out scenarios must not be trained on; listed in both: {sorted(map(str, both))}"
+            )
+        return self
+
+    def env_config(self) -> EnvConfig:
+        """The environment's config with files already read, so workers need no file access
+        (on a cluster they may not share the driver's folder)."""
+        return EnvConfig(
+            mode=self.kind,
+            sim=load_sim_params(self.env.sim_config),
+            scenarios=tuple(load_scenario(p) for p in self.env.scenarios),
+            random=self.env.random,
+            max_episode_steps=self.env.max_episode_steps,
+            rewards=self.env.rewards,
+            pipelines=self.env.pipelines,
+        )
+
+
+def load_train_config(path: str | Path, **overrides) -> TrainConfig:
+    """Read and validate a training config; ``overrides`` replace top-level keys (e.g. kind)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"training config {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+
+
+def build_ppo_config(cfg: TrainConfig):
+    """RLlib's PPOConfig for this training config (new API stack, PyTorch)."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from agents.rl_module import MaskedPPOModule
+    from envs.multi_agent_env import PipelineMedicEnv
+
+    agents = AGENTS_OF_KIND[cfg.kind]
+    p = cfg.ppo
+    module_specs = {
+        a: RLModuleSpec(module_class=MaskedPPOModule, model_config={"hidden": list(p.hidden)})
+        for a in agents
+    }
+    return (
+        PPOConfig()
+        .environment(PipelineMedicEnv, env_config=cfg.env_config().model_dump(mode="json"))
+        .framework("torch")
+        .env_runners(
+            num_env_runners=p.env_runners,
+            num_envs_per_env_runner=p.envs_per_runner,
+            num_cpus_per_env_runner=1 if p.env_runners else 0,
+            rollout_fragment_length="auto",
+        )
+        .learners(num_learners=0)
+        .training(
+            train_batch_size_per_learner=p.train_batch_size,
+            minibatch_size=p.minibatch_size,
+            num_epochs=p.num_epochs,
+            lr=p.lr,
+            gamma=p.gamma,
+            lambda_=p.lambda_,
+            clip_param=p.clip_param,
+            entropy_coeff=p.entropy_coeff,
+            vf_loss_coeff=p.vf_loss_coeff,
+            vf_clip_param=1e6,  # rewards are not unit-scaled; let the value loss see them all
+        )
+        .multi_agent(
+            policies=set(agents),
+            policy_mapping_fn=_map_agent_to_module,
+        )
+        .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
+        .debugging(seed=cfg.seed)
+    )
+
+
+def _map_agent_to_module(agent_id, episode, **kwargs):
+    """Agent ``ROLE/i`` (pipeline i's agent in that role) uses the module ``ROLE``."""
+    return module_of(agent_id)

@@ -1,0 +1,307 @@
+"""Warm start: pre-train the agents by imitating a teacher before PPO takes over.
+
+Why: PPO from scratch has to discover, by trial, which of ~70 (action, stage) pairs cures each
+of 15 faults, while the master learns whom to ask from specialists that are still guessing;
+early guesses do harm, so the master learns to stop asking. Imitating a teacher first gives
+every agent a sensible starting point; PPO then optimises the real reward from there.
+
+The teacher is the ``oracle`` (it knows the true faults and applies their best cure). The
+student only sees telemetry, so imitating it is learning to diagnose. Data are collected with
+DAgger: round 0 follows the teacher; later rounds let the student act (with probability
+``1 - teacher_share``) while the teacher still labels every state, so the student also learns
+to recover from its own mistakes. Labels map onto the hierarchy: the oracle's cure ``a`` at
+stage ``s`` becomes ``delegate_<domain of a>`` for the master and ``(a, s)`` for that
+specialist; ``observe`` stays ``observe``. The value heads are fitted to the discounted returns
+of the same episodes (the environment's own rewards), so PPO's first advantages make sense.
+
+The simulated steps spent here count against the training budget (``cluster.train`` adds them
+to ``pipeline_steps``), so a warm-started run and a cold one get the same number of steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.baselines import OraclePolicy
+from agents.networks import PolicyValueNet
+from agents.policy import EpisodeContext
+from envs.catalogue import (
+    ACTION_DOMAIN,
+    ACTION_ID,
+    DOMAINS,
+    FAULT_TYPES,
+    FAULTS_BY_DOMAIN,
+    SIM_ACTIONS,
+    best_cure,
+)
+from envs.multi_agent_env import (
+    MASTER,
+    OBS_BOUND,
+    EnvConfig,
+    PipelineMedicEnv,
+    agent_id,
+    split_agent_id,
+)
+from envs.observation import LAYOUTS, MODEL_SLOT
+
+log = logging.getLogger(__name__)
+OBSERVE = ACTION_ID["observe"]
+_DOMAIN_FAULTS = {d: [FAULT_TYPES.index(f) for f in fs] for d, fs in FAULTS_BY_DOMAIN.items()}
+
+
+class WarmStartConfig(BaseModel):
+    """``warm_start`` in ``configs/train.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    pipeline_steps: int = Field(200_000, ge=1000, description="simulated steps to collect")
+    rounds: int = Field(3, ge=1, description="DAgger rounds (the first follows the teacher)")
+    teacher_share: float = Field(
+        0.5, ge=0, le=1, description="teacher acts, rounds after the first"
+    )
+    pipelines: int = Field(64, ge=1, description="pipelines per environment while collecting")
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(512, ge=16)
+    lr: float = Field(1e-3, gt=0)
+    max_class_weight: float = Field(5.0, ge=1, description="cap on up-weighting acting labels")
+
+
+class _Samples:
+    """Per role: observations, masks, labels, and rewards to turn into returns."""
+
+    def __init__(self) -> None:
+        self.obs: list[np.ndarray] = []
+        self.mask: list[np.ndarray] = []
+        self.label: list[int] = []
+        self.reward: list[float] = []
+        self.episode_of: list[tuple] = []  # (round, agent, episode): returns are per agent run
+
+    def returns(self, gamma: float) -> np.ndarray:
+        out = np.zeros(len(self.reward), dtype=np.float32)
+        by_agent: dict[tuple, list[int]] = defaultdict(list)
+        for i, key in enumerate(self.episode_of):
+            by_agent[key].append(i)
+        for rows in by_agent.values():
+            g = 0.0
+            for i in reversed(rows):
+                g = self.reward[i] + gamma * g
+                out[i] = g
+        return out
+
+
+def _domain_labels(env: PipelineMedicEnv) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per domain: the best cure (sim action, slot) of the oldest active fault of that domain in
+    each pipeline, cure under way or not; ``observe`` where the domain has no active fault.
+    This is what a specialist should answer if asked now."""
+    truth = env.sim.ground_truth()
+    labels = {}
+    for d in DOMAINS:
+        action = np.full(env.k, OBSERVE, dtype=np.int64)
+        slot = np.zeros(env.k, dtype=np.int64)
+        in_domain = truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])
+        for i in np.flatnonzero(in_domain.any(axis=1)):
+            k = int(np.argmax(in_domain[i]))
+            cure = best_cure(FAULT_TYPES[truth.types[i, k]])
+            action[i] = ACTION_ID[cure.action]
+            on_model = cure.target == "model"
+            slot[i] = MODEL_SLOT if on_model else env.encoder.slots[truth.stages[i, k]]
+        labels[d] = (action, slot)
+    return labels
+
+
+def _master_label(action: int) -> str:
+    name = SIM_ACTIONS[action]
+    return f"delegate_{ACTION_DOMAIN[name]}" if name in ACTION_DOMAIN else name
+
+
+def collect(
+    env_cfg: EnvConfig,
+    nets: dict[str, PolicyValueNet] | None,
+    *,
+    steps: int,
+    teacher_share: float,
+    pipelines: int,
+    seed: int,
+    round_id: int = 0,
+    observe_keep: float = 0.1,
+) -> tuple[dict[str, _Samples], int]:
+    """Run episodes in the training environment; return labelled samples and the number of
+    simulated pipeline steps used.
+
+    The acting role (master or flat) is labelled with the oracle's decision on every step it
+    acts; its rewards are recorded for the value fit. Specialists are labelled on every step,
+    asked or not, with their domain's cure (``_domain_labels``); as most steps are quiet, only
+    ``observe_keep`` of their ``observe`` labels are kept.
+    """
+    env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
+    rng = np.random.default_rng(seed)
+    oracle = OraclePolicy()
+    samples: dict[str, _Samples] = defaultdict(_Samples)
+    last_index: dict[str, int] = {}
+    used, episode = 0, 0
+    top = env.top
+    top_layout = LAYOUTS[top]
+    while used < steps:
+        obs, _ = env.reset(seed=int(rng.integers(2**31)))
+        oracle.reset(EpisodeContext(env.k, env.scenario.topology, env.params))
+        episode += 1
+        done = False
+        while not done:
+            actions = {}
+            if any(split_agent_id(a)[0] == top for a in obs):
+                used += env.k
+                teach_action, teach_stage = oracle.act(None, env.sim.ground_truth())
+                teach_slot = env.encoder.slots[teach_stage]
+                follow_teacher = rng.random(env.k) < teacher_share
+                domain = _domain_labels(env) if top == MASTER else {}
+                for d, (action, slot) in domain.items():
+                    _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
+                for i in range(env.k):
+                    aid = agent_id(top, i)
+                    o = obs[aid]
+                    name = SIM_ACTIONS[teach_action[i]]
+                    if top == MASTER:
+                        label = top_layout.encode(_master_label(teach_action[i]))
+                    else:
+                        label = top_layout.encode(name, teach_slot[i] if name != "observe" else 0)
+                    if o["action_mask"][label] == 0:
+                        label = top_layout.encode("observe")
+                    s = samples[top]
+                    s.obs.append(o["observations"])
+                    s.mask.append(o["action_mask"])
+                    s.label.append(label)
+                    s.reward.append(0.0)
+                    s.episode_of.append((round_id, aid, episode))
+                    last_index[aid] = len(s.reward) - 1
+                    acts_itself = follow_teacher[i] or nets is None
+                    actions[aid] = label if acts_itself else _student_action(nets[top], o)
+            else:  # specialists the master delegated to
+                for aid, o in obs.items():
+                    role, i = split_agent_id(aid)
+                    action, slot = domain[role]
+                    label = LAYOUTS[role].encode(SIM_ACTIONS[action[i]], slot[i])
+                    if follow_teacher[i] or nets is None:
+                        actions[aid] = label if o["action_mask"][label] else 0
+                    else:
+                        actions[aid] = _student_action(nets[role], o)
+            obs, rewards, _, truncated, _ = env.step(actions)
+            for aid, r in rewards.items():
+                if aid in last_index:
+                    samples[top].reward[last_index[aid]] += r
+            done = truncated["__all__"]
+    return samples, used
+
+
+def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep) -> None:
+    layout = LAYOUTS[role]
+    obs = np.clip(env.encoder.observe(role), -OBS_BOUND, OBS_BOUND)
+    mask = env.encoder.action_mask(role)
+    for i in range(env.k):
+        name = SIM_ACTIONS[action[i]]
+        label = layout.encode(name, slot[i] if name != "observe" else 0)
+        if mask[i, label] == 0 or (name == "observe" and rng.random() > observe_keep):
+            continue
+        s.obs.append(obs[i])
+        s.mask.append(mask[i])
+        s.label.append(label)
+
+
+@torch.no_grad()
+def _student_action(net: PolicyValueNet, o: dict[str, np.ndarray]) -> int:
+    obs = torch.from_numpy(o["observations"][None])
+    mask = torch.from_numpy(o["action_mask"][None])
+    return int(net.logits(obs, mask).argmax())
+
+
+def n_samples(s: _Samples) -> int:
+    return len(s.label)
+
+
+def fit(
+    nets: dict[str, PolicyValueNet],
+    data: dict[str, _Samples],
+    cfg: WarmStartConfig,
+    gamma: float,
+    seed: int,
+) -> dict[str, float]:
+    """Cross-entropy on the teacher's labels and MSE on returns; returns label accuracy per role."""
+    torch.manual_seed(seed)
+    accuracy = {}
+    for role, s in data.items():
+        if not s.label:
+            continue
+        net = nets[role]
+        obs = torch.from_numpy(np.stack(s.obs))
+        mask = torch.from_numpy(np.stack(s.mask))
+        label = torch.tensor(s.label)
+        has_value = len(s.reward) == n_samples(s)
+        ret = torch.from_numpy(s.returns(gamma)) if has_value else None
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        n = len(label)
+        # Acting labels are rare (most steps are quiet): weight them up to balance the classes.
+        acting = label != LAYOUTS[role].encode("observe")
+        n_act = int(acting.sum())
+        weight = torch.ones(n)
+        if 0 < n_act < n:
+            weight[acting] = min(cfg.max_class_weight, (n - n_act) / n_act)
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(n).split(cfg.batch_size):
+                logits = net.logits(obs[idx], mask[idx])
+                ce = torch.nn.functional.cross_entropy(logits, label[idx], reduction="none")
+                loss = (ce * weight[idx]).sum() / weight[idx].sum()
+                if ret is not None:
+                    loss = loss + 0.5 * torch.nn.functional.mse_loss(net.value(obs[idx]), ret[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            hit = net.logits(obs, mask).argmax(1) == label
+            accuracy[role] = float(hit.float().mean())
+            accuracy[f"{role} (acting labels)"] = (
+                float(hit[acting].float().mean()) if acting.any() else float("nan")
+            )
+    return accuracy
+
+
+def warm_start(
+    nets: dict[str, PolicyValueNet],
+    env_cfg: EnvConfig,
+    cfg: WarmStartConfig,
+    *,
+    gamma: float,
+    seed: int,
+    on_round: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> int:
+    """Pre-train ``nets`` in place; returns the simulated pipeline steps used."""
+    total = 0
+    per_round = max(1, cfg.pipeline_steps // cfg.rounds)
+    merged: dict[str, _Samples] = defaultdict(_Samples)
+    for r in range(cfg.rounds):
+        data, used = collect(
+            env_cfg,
+            None if r == 0 else nets,
+            steps=per_round,
+            teacher_share=1.0 if r == 0 else cfg.teacher_share,
+            pipelines=cfg.pipelines,
+            seed=seed * 1000 + r,
+            round_id=r,
+        )
+        total += used
+        for role, s in data.items():  # DAgger: train on everything collected so far
+            m = merged[role]
+            m.obs += s.obs
+            m.mask += s.mask
+            m.label += s.label
+            m.reward += s.reward
+            m.episode_of += s.episode_of
+        accuracy = fit(nets, merged, cfg, gamma, seed + r)
+        if on_round:
+            on_round(r + 1, total, accuracy)
+    return total

@@ -1,0 +1,375 @@
+"""Train the hierarchical (or flat) policy with RLlib PPO on simulated pipelines.
+
+Run it here (an embedded local Ray)::
+
+    python -m cluster.train --config configs/train.yaml
+
+or, unchanged, as a job on a running Ray cluster::
+
+    ray job submit --working-dir . -- python -m cluster.train --config configs/train.yaml
+
+What it writes under ``--out`` (default ``store/runs/KIND``):
+
+    metrics.jsonl      one line per iteration: env steps, env steps/s, return per agent,
+                       held-out evaluation metrics every ``evaluate_every`` iterations
+    checkpoints/       RLlib checkpoints every ``checkpoint_every`` iterations; ``latest``
+                       names the newest complete one
+    policy/            the exported policy bundle (``agents.inference``), Ray-free
+    learning_curves.png
+
+Killing the job and starting it again with the same ``--out`` resumes from the latest
+checkpoint (``--fresh`` starts over). At the end the bundle is also copied to
+``STORE/policies/KIND``, which is what ``--policy KIND`` means to ``pipemedic evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agents.inference import (
+    AGENTS_OF_KIND,
+    LearnedPolicy,
+    agent_sizes,
+    default_bundle_dir,
+    export_bundle,
+)
+from agents.networks import PolicyValueNet
+from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
+from agents.rollout import episode_seeds, rollout
+from envs.errors import PipemedicError
+from envs.metrics import aggregate
+from envs.params import load_sim_params
+from envs.scenario import load_scenario
+
+log = logging.getLogger(__name__)
+KEEP_CHECKPOINTS = 2
+
+
+# ---------------------------------------------------------------------- weights and bundles
+def current_nets(algo, cfg: TrainConfig) -> dict[str, PolicyValueNet]:
+    """The learner's current weights as plain networks (what the bundle stores)."""
+    import torch
+
+    weights = algo.learner_group.get_weights()
+    nets = {}
+    for agent in AGENTS_OF_KIND[cfg.kind]:
+        state = {
+            k.removeprefix("net."): torch.as_tensor(np.asarray(v))
+            for k, v in weights[agent].items()
+        }
+        net = PolicyValueNet(*agent_sizes(agent), list(cfg.ppo.hidden))
+        net.load_state_dict(state)
+        nets[agent] = net
+    return nets
+
+
+def evaluate_bundle(bundle: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Held-out metrics of a bundle (greedy), in this process: overall and per scenario."""
+    params = load_sim_params(cfg.env.sim_config)
+    per_scenario, everything = {}, []
+    for path in cfg.held_out:
+        scenario = load_scenario(path)
+        policy = LearnedPolicy.load(bundle)
+        seeds = episode_seeds(scenario, cfg.seed + 1000, cfg.eval_episodes)
+        episodes = rollout(policy, scenario, seeds, params=params)
+        everything += episodes
+        per_scenario[scenario.name] = aggregate(episodes)
+    return {"overall": aggregate(everything) if everything else {}, "per_scenario": per_scenario}
+
+
+def set_nets(algo, nets: dict[str, PolicyValueNet]) -> None:
+    """Load plain networks into the learner's modules and push them to the env runners."""
+    current = algo.learner_group.get_weights()
+    weights = {}
+    for agent, net in nets.items():
+        like = next(iter(current[agent].values()))
+        convert = (
+            (lambda t: t.detach().numpy())
+            if isinstance(like, np.ndarray)
+            else (lambda t: t.detach().clone())
+        )
+        weights[agent] = {f"net.{k}": convert(v) for k, v in net.state_dict().items()}
+    algo.learner_group.set_weights(weights)
+    algo.env_runner_group.sync_weights(
+        from_worker_or_learner_group=algo.learner_group, inference_only=True
+    )
+
+
+def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
+    """Imitate the oracle (agents.warm_start), then hand the weights to RLlib."""
+    from agents.warm_start import warm_start
+
+    nets = current_nets(algo, cfg)
+    ws = cfg.warm_start
+
+    def report(round_: int, used: int, accuracy: dict[str, float]) -> None:
+        acc = "  ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy.items()))
+        console.print(
+            f"warm start round {round_}/{ws.rounds}: {used:,} pipeline steps; label accuracy {acc}"
+        )
+
+    used = warm_start(
+        nets, cfg.env_config(), ws, gamma=cfg.ppo.gamma, seed=cfg.seed, on_round=report
+    )
+    set_nets(algo, nets)
+    return used
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = out / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "train_state.json").exists() else None
+
+
+def _save_checkpoint(algo, out: Path, state: dict[str, Any]) -> Path:
+    """Save, then point ``latest`` at it; a kill mid-save leaves the previous one in charge."""
+    root = out / "checkpoints"
+    name = f"iter_{state['iteration']:06d}"
+    path = root / name
+    if path.exists():
+        shutil.rmtree(path)
+    algo.save_to_path(str(path.resolve()))
+    (path / "train_state.json").write_text(json.dumps(state, default=_plain))
+    tmp = root / "latest.tmp"
+    tmp.write_text(name)
+    tmp.replace(root / "latest")
+    for old in sorted(root.glob("iter_*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------- the loop
+def _iteration_record(result: dict, cfg: TrainConfig, before: dict, dt: float) -> dict:
+    """One line of metrics.jsonl. ``pipeline_steps`` counts simulated steps of one pipeline
+    (10 s each), the unit budgets are set in; RLlib's ``env_steps`` count environment steps,
+    each advancing ``env.pipelines`` pipelines (and the hierarchy takes up to two per step)."""
+    runners = result.get("env_runners", {})
+    top = AGENTS_OF_KIND[cfg.kind][0]
+    pipeline_steps = int(runners["num_module_steps_sampled_lifetime"][top]) + before.get(
+        "warm_start_steps", 0
+    )
+    env_steps = int(runners["num_env_steps_sampled_lifetime"])
+    returns = runners.get("module_episode_returns_mean", {}) or {}
+    timers = result.get("timers", {})
+    return {
+        "iteration": before["iteration"] + 1,
+        "pipeline_steps": pipeline_steps,
+        "env_steps": env_steps,
+        "pipeline_steps_per_s": round((pipeline_steps - before["pipeline_steps"]) / dt, 1),
+        "env_steps_per_s": round((env_steps - before["env_steps"]) / dt, 1),
+        "sample_s": round(float(timers.get("env_runner_sampling_timer", 0.0)), 3),
+        "learn_s": round(float(timers.get("learner_update_timer", 0.0)), 3),
+        # Per pipeline: RLlib sums the returns of all agents of a module in an episode.
+        "return_per_pipeline": {
+            k: round(float(v) / cfg.env.pipelines, 3) for k, v in returns.items() if np.isfinite(v)
+        },
+        "episodes": int(np.nan_to_num(runners.get("num_episodes", 0))),
+        "time": time.time(),
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    fresh: bool = False,
+    promote: bool = True,
+    console: Console | None = None,
+    max_iterations: int | None = None,
+) -> dict[str, Any]:
+    """Train until the budget in ``cfg.stop`` (or ``max_iterations``); return a summary."""
+    from cluster.ray_runtime import ensure_ray
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for leftover in ("checkpoints", "metrics.jsonl", "policy"):
+            target = out / leftover
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2, by_alias=True))
+
+    ensure_ray()
+    algo = build_ppo_config(cfg).build_algo()
+    state = {
+        "iteration": 0,
+        "pipeline_steps": 0,
+        "env_steps": 0,
+        "warm_start_steps": 0,
+        "train_seconds": 0.0,
+    }
+    resume = _latest_checkpoint(out)
+    if resume is not None:
+        algo.restore_from_path(str(resume.resolve()))
+        state = json.loads((resume / "train_state.json").read_text())
+        console.print(
+            f"resumed from {resume} (iteration {state['iteration']}, "
+            f"{state['pipeline_steps']:,} pipeline steps)"
+        )
+    elif cfg.warm_start.enabled:
+        t0 = time.monotonic()
+        used = _warm_start(algo, cfg, console)
+        state.update(
+            pipeline_steps=used, warm_start_steps=used, train_seconds=time.monotonic() - t0
+        )
+
+    metrics_file = out / "metrics.jsonl"
+    bundle_dir = out / "policy"
+    deadline = time.monotonic() + cfg.stop.minutes * 60 - state["train_seconds"]
+    started_iteration = state["iteration"]
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} pipeline steps"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(
+            f"training {cfg.kind}",
+            total=cfg.stop.pipeline_steps,
+            completed=state["pipeline_steps"],
+            status="",
+        )
+        while state["pipeline_steps"] < cfg.stop.pipeline_steps and time.monotonic() < deadline:
+            if (
+                max_iterations is not None
+                and state["iteration"] - started_iteration >= max_iterations
+            ):
+                break
+            t0 = time.monotonic()
+            result = algo.train()
+            dt = time.monotonic() - t0
+            record = _iteration_record(result, cfg, state, dt)
+            state = {
+                "iteration": record["iteration"],
+                "pipeline_steps": record["pipeline_steps"],
+                "env_steps": record["env_steps"],
+                "warm_start_steps": state.get("warm_start_steps", 0),
+                "train_seconds": state["train_seconds"] + dt,
+            }
+            if state["iteration"] % cfg.evaluate_every == 0 and cfg.held_out:
+                export_bundle(bundle_dir, cfg.kind, current_nets(algo, cfg), dict(state))
+                record["eval"] = evaluate_bundle(bundle_dir, cfg)["overall"]
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record, default=_plain) + "\n")
+            top_return = record["return_per_pipeline"].get(
+                AGENTS_OF_KIND[cfg.kind][0], float("nan")
+            )
+            status = (
+                f"it {state['iteration']}  {record['pipeline_steps_per_s']:.0f} pipeline steps/s"
+                f"  return {top_return:.1f}"
+            )
+            if "eval" in record:
+                status += f"  held-out MTTR {record['eval']['mttr_s']:.0f}s SLO {record['eval']['slo_adherence']:.1%}"
+            progress.update(task, completed=state["pipeline_steps"], status=status)
+            if not console.is_terminal:
+                console.print(status)
+            if state["iteration"] % cfg.checkpoint_every == 0:
+                _save_checkpoint(algo, out, state)
+
+    _save_checkpoint(algo, out, state)
+    info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
+    export_bundle(bundle_dir, cfg.kind, current_nets(algo, cfg), info)
+    algo.stop()
+    summary = {**state, "bundle": str(bundle_dir)}
+    if promote:
+        target = default_bundle_dir(cfg.kind)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        export_bundle(target, cfg.kind, LearnedPolicy.load(bundle_dir).nets, info)
+        summary["promoted"] = str(target)
+    plot_learning_curves(metrics_file, out / "learning_curves.png")
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy scalars."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curves(metrics_file: Path, png: Path) -> None:
+    """Return per agent and held-out MTTR/SLO against env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_file)
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["pipeline_steps"] for r in rows]
+    agents = sorted({a for r in rows for a in r.get("return_per_pipeline", {})})
+    for a in agents:
+        axes[0].plot(steps, [r["return_per_pipeline"].get(a, np.nan) for r in rows], label=a)
+    axes[0].set(title="episode return per pipeline, by agent", xlabel="pipeline steps")
+    axes[0].legend()
+    ev = [r for r in rows if "eval" in r]
+    axes[1].plot([r["pipeline_steps"] for r in ev], [r["eval"]["mttr_s"] for r in ev], marker="o")
+    axes[1].set(title="held-out MTTR (s)", xlabel="pipeline steps")
+    axes[2].plot(
+        [r["pipeline_steps"] for r in ev], [r["eval"]["slo_adherence"] for r in ev], marker="o"
+    )
+    axes[2].set(title="held-out SLO adherence", xlabel="pipeline steps")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    config: Annotated[Path, typer.Option(help="training config (YAML)")] = Path(
+        "configs/train.yaml"
+    ),
+    kind: Annotated[str | None, typer.Option(help="override: hierarchical or flat")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default STORE/runs/KIND)")] = None,
+    fresh: Annotated[bool, typer.Option(help="ignore checkpoints in --out, start over")] = False,
+    iterations: Annotated[int | None, typer.Option(help="stop after this many")] = None,
+    promote: Annotated[bool, typer.Option(help="copy the result to STORE/policies/KIND")] = True,
+) -> None:
+    """Train with RLlib PPO; resumes from the latest checkpoint in --out."""
+    logging.basicConfig(level=logging.WARNING)
+    console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files
+    try:
+        cfg = load_train_config(config, kind=kind)
+        run_dir = out or default_bundle_dir(cfg.kind).parent.parent / "runs" / cfg.kind
+        summary = train(
+            cfg, run_dir, fresh=fresh, promote=promote, console=console, max_iterations=iterations
+        )
+    except PipemedicError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    console.print(json.dumps(summary, default=_plain))
+
+
+if __name__ == "__main__":
+    app()

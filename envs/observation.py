@@ -1,0 +1,309 @@
+"""Telemetry → fixed-size observation vectors and action masks, for training and serving alike.
+
+Every learned policy sees the pipeline through :class:`ObservationEncoder`, whether the telemetry
+comes from the simulator (training, evaluation) or from an HTTP request (serving), so the two
+can never disagree about what a feature means.
+
+Layout
+    Stages are placed in the canonical slots of ``STAGES`` (ingest, validate, transform, load,
+    model); a stage the pipeline does not have is all zeros and every action on it is masked.
+    Each metric is squashed to roughly [0, 1] (rates on a log scale, traffic relative to the
+    pipeline's usual inflow, latency and freshness relative to their SLO). The encoder keeps,
+    per pipeline, the last value seen of every metric (telemetry is partial: a missing value
+    repeats the last one) and a slow moving average, its picture of "usual"; the observation is
+    the current value and its departure from usual, plus the last action taken.
+
+Views
+    ``master`` and ``flat`` see every metric; a specialist sees its domain's metrics only
+    (``DOMAIN_STAGE_METRICS``) plus the pipeline-wide ones.
+
+Action spaces
+    A specialist (and ``flat``) chooses one (action, stage slot) pair, encoded as
+    ``action_index * N_SLOTS + slot``. Masked out: slots the pipeline lacks, model actions on
+    anything but the model stage, ``observe``/``escalate`` on any slot but the first (they take
+    no target), ``scale_out`` at the replica limit, ``scale_in`` at one replica and ``escalate``
+    while a human is already on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.catalogue import (
+    ACTION_ID,
+    DOMAINS,
+    MASTER_ACTIONS,
+    MODEL_STAGE,
+    SIM_ACTIONS,
+    SPECIALIST_ACTIONS,
+    STAGES,
+)
+from envs.params import SimParams
+from envs.telemetry import PIPELINE_INDEX, STAGE_INDEX, STAGE_METRICS, Telemetry
+
+N_SLOTS = len(STAGES)
+MODEL_SLOT = STAGES.index(MODEL_STAGE)
+#: Actions that act on the model rather than on a stage of the data path.
+MODEL_ACTIONS = frozenset({"retrain_model", "rollback_model"})
+#: Actions that take no target stage.
+UNTARGETED_ACTIONS = frozenset({"observe", "escalate"})
+
+#: The per-stage metrics each specialist sees.
+DOMAIN_STAGE_METRICS: dict[str, tuple[str, ...]] = {
+    "drift": (
+        "throughput_out_rps",
+        "error_rate",
+        "invalid_rate",
+        "schema_mismatch",
+        "feature_psi",
+        "null_rate",
+        "oor_rate",
+    ),
+    "infra": (
+        "throughput_in_rps",
+        "throughput_out_rps",
+        "queue",
+        "latency_p99_s",
+        "error_rate",
+        "timeout_rate",
+        "cpu",
+        "mem",
+        "replicas",
+        "replicas_ready",
+        "retry_on",
+        "throttle_on",
+    ),
+    "quality": (
+        "throughput_in_rps",
+        "throughput_out_rps",
+        "error_rate",
+        "null_rate",
+        "dup_rate",
+        "oor_rate",
+        "invalid_rate",
+        "schema_mismatch",
+        "dedupe_on",
+    ),
+}
+# Pipeline-wide features (after squashing): the 7 raw metrics plus 3 SLO ratios.
+_N_PIPELINE_FEATURES = 10
+# How fast the picture of "usual" follows the telemetry (per step; ~50 steps of memory).
+BASELINE_RATE = 0.02
+
+
+def _lograte(x: np.ndarray) -> np.ndarray:
+    """A rate in [1e-4, 1] on a log scale mapped to [0, 1]."""
+    return np.log10(np.clip(x, 1e-4, 1.0) * 1e4) / 4.0
+
+
+@dataclass(frozen=True)
+class ActionLayout:
+    """One agent's discrete action space: concrete actions × stage slots (or master actions)."""
+
+    agent: str
+    actions: tuple[str, ...]
+    targeted: bool  # False for the master: its actions take no stage
+
+    @property
+    def size(self) -> int:
+        return len(self.actions) * (N_SLOTS if self.targeted else 1)
+
+    def decode(self, index: int) -> tuple[str, int]:
+        """(action name, stage slot) of a flat index."""
+        if not self.targeted:
+            return self.actions[index], 0
+        return self.actions[index // N_SLOTS], index % N_SLOTS
+
+    def encode(self, action: str, slot: int = 0) -> int:
+        i = self.actions.index(action)
+        return i * N_SLOTS + slot if self.targeted else i
+
+
+MASTER_LAYOUT = ActionLayout("master", MASTER_ACTIONS, targeted=False)
+SPECIALIST_LAYOUTS = {d: ActionLayout(d, SPECIALIST_ACTIONS[d], targeted=True) for d in DOMAINS}
+FLAT_LAYOUT = ActionLayout("flat", SIM_ACTIONS, targeted=True)
+LAYOUTS: dict[str, ActionLayout] = {
+    "master": MASTER_LAYOUT,
+    **SPECIALIST_LAYOUTS,
+    "flat": FLAT_LAYOUT,
+}
+
+
+def observation_size(view: str) -> int:
+    """Length of the observation vector of a view (``master``, ``flat`` or a domain)."""
+    n_metrics = (
+        len(STAGE_METRICS) if view in ("master", "flat") else len(DOMAIN_STAGE_METRICS[view])
+    )
+    per_time = N_SLOTS * n_metrics + _N_PIPELINE_FEATURES
+    return 2 * per_time + len(SIM_ACTIONS) + N_SLOTS + 1
+
+
+class ObservationEncoder:
+    """Stateful encoder for ``n`` pipelines of one topology (see the module docstring)."""
+
+    def __init__(self, topology: tuple[str, ...], params: SimParams, n: int = 1):
+        self.topology = tuple(topology)
+        self.params = params
+        self.n = n
+        self.slots = np.array([STAGES.index(s) for s in self.topology], dtype=np.int64)
+        self.present = np.zeros(N_SLOTS, dtype=bool)
+        self.present[self.slots] = True
+        #: Topology index of each slot (0 for slots the pipeline lacks; they are masked).
+        self.stage_of_slot = np.zeros(N_SLOTS, dtype=np.int64)
+        self.stage_of_slot[self.slots] = np.arange(len(self.slots))
+        self._view_columns = {
+            d: np.array([STAGE_INDEX[m] for m in DOMAIN_STAGE_METRICS[d]]) for d in DOMAINS
+        }
+        self.reset()
+
+    def reset(self) -> None:
+        self._last_stage: np.ndarray | None = None
+        self._last_pipeline: np.ndarray | None = None
+        self._usual: np.ndarray | None = None
+        self._usual_inflow: np.ndarray | None = None
+        self.last_action = np.full(self.n, ACTION_ID["observe"], dtype=np.int64)
+        self.last_slot = np.zeros(self.n, dtype=np.int64)
+        self.steps_since_action = np.zeros(self.n)
+        self.features = np.zeros((self.n, 0), dtype=np.float32)
+        self.replicas = np.full((self.n, N_SLOTS), float(self.params.replicas))
+        self.human_paged = np.zeros(self.n, dtype=bool)
+
+    # ------------------------------------------------------------------ telemetry
+    def update(self, tel: Telemetry) -> None:
+        """Take in the next telemetry snapshot (call once per step, before ``observe``)."""
+        stage = tel.stage.astype(np.float64)
+        pipe = tel.pipeline.astype(np.float64)
+        if self._last_stage is None:
+            # Nothing seen yet: a missing value reads as zero (the pipeline's quiet state).
+            self._last_stage = np.zeros_like(stage)
+            self._last_pipeline = np.zeros_like(pipe)
+            self._last_pipeline[:, PIPELINE_INDEX["model_accuracy"]] = self.params.base_accuracy
+        stage = np.where(np.isnan(stage), self._last_stage, stage)
+        pipe = np.where(np.isnan(pipe), self._last_pipeline, pipe)
+        self._last_stage, self._last_pipeline = stage, pipe
+
+        inflow = stage[:, 0, STAGE_INDEX["throughput_in_rps"]]
+        if self._usual_inflow is None:
+            self._usual_inflow = np.maximum(inflow, 1.0)
+        else:
+            self._usual_inflow += BASELINE_RATE * (inflow - self._usual_inflow)
+        current = self._squash(stage, pipe)
+        if self._usual is None:
+            self._usual = current.copy()
+        self.features = np.concatenate([current, current - self._usual], axis=1)
+        self._usual += BASELINE_RATE * (current - self._usual)
+
+        slots = np.zeros((self.n, N_SLOTS))
+        slots[:, self.slots] = stage[:, :, STAGE_INDEX["replicas"]]
+        self.replicas = np.where(self.present, slots, 1.0)
+        self.human_paged = pipe[:, PIPELINE_INDEX["human_paged"]] > 0.5
+
+    def _squash(self, stage: np.ndarray, pipe: np.ndarray) -> np.ndarray:
+        """Per pipeline: squashed stage metrics in slot order, then pipeline features."""
+        p, ix = self.params, STAGE_INDEX
+        usual = self._usual_inflow[:, None]
+        x = np.zeros((self.n, N_SLOTS, len(STAGE_METRICS)))
+        s = np.zeros_like(stage)
+        s[..., ix["throughput_in_rps"]] = stage[..., ix["throughput_in_rps"]] / usual / 2
+        s[..., ix["throughput_out_rps"]] = stage[..., ix["throughput_out_rps"]] / usual / 2
+        s[..., ix["queue"]] = np.log1p(stage[..., ix["queue"]] / usual) / 6
+        s[..., ix["latency_p99_s"]] = np.log1p(stage[..., ix["latency_p99_s"]]) / 6
+        for m in (
+            "error_rate",
+            "timeout_rate",
+            "null_rate",
+            "dup_rate",
+            "oor_rate",
+            "invalid_rate",
+        ):
+            s[..., ix[m]] = _lograte(stage[..., ix[m]])
+        for m in ("cpu", "mem", "schema_mismatch", "retry_on", "dedupe_on", "throttle_on"):
+            s[..., ix[m]] = np.clip(stage[..., ix[m]], 0, 2)
+        for m in ("replicas", "replicas_ready"):
+            s[..., ix[m]] = stage[..., ix[m]] / p.max_replicas
+        s[..., ix["feature_psi"]] = np.log1p(np.clip(stage[..., ix["feature_psi"]], 0, 100))
+        x[:, self.slots] = s
+
+        q, slo = PIPELINE_INDEX, p.slo
+        lat = pipe[:, q["e2e_latency_p99_s"]]
+        err = pipe[:, q["e2e_error_rate"]]
+        fresh = pipe[:, q["freshness_s"]]
+        acc = pipe[:, q["model_accuracy"]]
+        pf = np.stack(
+            [
+                np.log1p(lat) / 6,
+                _lograte(err),
+                np.log1p(fresh) / 8,
+                np.clip(acc, 0, 1),
+                np.log1p(np.clip(pipe[:, q["prediction_psi"]], 0, 100)),
+                np.log1p(pipe[:, q["model_age_steps"]]) / 12,
+                pipe[:, q["human_paged"]],
+                np.clip(lat / slo.p99_latency_s, 0, 10) / 10,
+                np.clip(err / slo.error_rate, 0, 10) / 10,
+                np.clip(fresh / slo.freshness_s, 0, 10) / 10,
+            ],
+            axis=1,
+        )
+        return np.concatenate([x.reshape(self.n, -1), pf], axis=1)
+
+    def record_action(self, actions: np.ndarray, slots: np.ndarray) -> None:
+        """Remember what was done (sim action ids, stage slots); part of the next observation."""
+        acted = actions != ACTION_ID["observe"]
+        self.last_action = np.where(acted, actions, self.last_action)
+        self.last_slot = np.where(acted, slots, self.last_slot)
+        self.steps_since_action = np.where(acted, 0.0, self.steps_since_action + 1)
+
+    # ------------------------------------------------------------------ observations
+    def observe(self, view: str) -> np.ndarray:
+        """Observation vectors of one view, shape (n, observation_size(view)), float32."""
+        f = self.features
+        if view not in ("master", "flat"):
+            per_time = f.shape[1] // 2
+            cols = self._view_columns[view]
+            halves = []
+            for half in (f[:, :per_time], f[:, per_time:]):
+                stage = half[:, : N_SLOTS * len(STAGE_METRICS)].reshape(self.n, N_SLOTS, -1)
+                halves += [stage[:, :, cols].reshape(self.n, -1), half[:, -_N_PIPELINE_FEATURES:]]
+            f = np.concatenate(halves, axis=1)
+        context = np.concatenate(
+            [
+                np.eye(len(SIM_ACTIONS))[self.last_action],
+                np.eye(N_SLOTS)[self.last_slot],
+                np.log1p(self.steps_since_action)[:, None] / 6,
+            ],
+            axis=1,
+        )
+        return np.concatenate([f, context], axis=1).astype(np.float32)
+
+    def action_mask(self, agent: str) -> np.ndarray:
+        """1 where an action of ``agent``'s layout is allowed now, shape (n, layout size)."""
+        layout = LAYOUTS[agent]
+        if not layout.targeted:
+            mask = np.ones((self.n, layout.size), dtype=np.float32)
+            if "escalate" in layout.actions:
+                mask[self.human_paged, layout.encode("escalate")] = 0.0
+            return mask
+        mask = np.zeros((self.n, len(layout.actions), N_SLOTS), dtype=np.float32)
+        for i, action in enumerate(layout.actions):
+            if action in UNTARGETED_ACTIONS:
+                mask[:, i, 0] = 1.0
+            elif action in MODEL_ACTIONS:
+                mask[:, i, MODEL_SLOT] = float(self.present[MODEL_SLOT])
+            else:
+                mask[:, i, :] = self.present
+            if action == "scale_out":
+                mask[:, i, :] *= self.replicas < self.params.max_replicas
+            elif action == "scale_in":
+                mask[:, i, :] *= self.replicas > 1
+            elif action == "escalate":
+                mask[self.human_paged, i, :] = 0.0
+        return mask.reshape(self.n, -1)
+
+    def to_sim(self, agent: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat action indices of a targeted layout → (sim action ids, topology stage indices)."""
+        layout = LAYOUTS[agent]
+        index = np.asarray(index, dtype=np.int64)
+        action_ids = np.array([ACTION_ID[a] for a in layout.actions])[index // N_SLOTS]
+        return action_ids, self.stage_of_slot[index % N_SLOTS]

@@ -1,0 +1,145 @@
+"""The RLlib environment's contract: spaces, turns, masks, rewards, episode ends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ray.rllib.utils.pre_checks.env import check_multiagent_environments
+
+from envs.catalogue import MASTER_ACTIONS, STAGES
+from envs.multi_agent_env import EnvConfig, PipelineMedicEnv, agent_id
+from envs.observation import LAYOUTS, MODEL_SLOT, N_SLOTS, ObservationEncoder
+from envs.params import SimParams
+from envs.scenario import Scenario
+from tests.conftest import single_fault_scenario
+
+MASTER_INDEX = {a: i for i, a in enumerate(MASTER_ACTIONS)}
+
+
+def make_env(mode: str = "hierarchical", pipelines: int = 3, **scenario_kw) -> PipelineMedicEnv:
+    scenario = single_fault_scenario("schema_drift", **scenario_kw)
+    return PipelineMedicEnv(
+        EnvConfig(mode=mode, scenarios=(scenario,), random={"share": 0.0}, pipelines=pipelines)
+    )
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "flat"])
+def test_passes_rllib_multi_agent_checks(mode):
+    check_multiagent_environments(make_env(mode))
+
+
+def test_observations_lie_in_their_spaces_for_a_whole_random_episode():
+    env = make_env(steps=40)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    done = False
+    while not done:
+        for aid, o in obs.items():
+            assert env.observation_spaces[aid].contains(o), aid
+        actions = {a: rng.choice(np.flatnonzero(o["action_mask"])) for a, o in obs.items()}
+        obs, rewards, terminated, truncated, _ = env.step(actions)
+        assert all(np.isfinite(r) for r in rewards.values())
+        done = truncated["__all__"]
+    assert not terminated["__all__"]
+
+
+def test_master_turn_then_specialist_turn_then_simulator_advances():
+    env = make_env(pipelines=2)
+    obs, _ = env.reset(seed=1)
+    assert set(obs) == {"master/0", "master/1"}
+    t0 = env.sim.t
+    obs, rewards, *_ = env.step(
+        {"master/0": MASTER_INDEX["delegate_drift"], "master/1": MASTER_INDEX["observe"]}
+    )
+    # The delegated specialist gets the same moment; nothing was simulated yet.
+    assert set(obs) == {"drift/0"} and rewards == {} and env.sim.t == t0
+    remap = LAYOUTS["drift"].encode("schema_remap", STAGES.index("transform"))
+    obs, rewards, *_ = env.step({"drift/0": remap})
+    assert env.sim.t == t0 + 1
+    assert set(obs) == {"master/0", "master/1"}
+    assert set(rewards) == {"master/0", "master/1", "drift/0"}
+
+
+def test_without_delegation_one_env_step_is_one_simulated_step():
+    env = make_env(pipelines=2)
+    env.reset(seed=1)
+    t0 = env.sim.t
+    obs, rewards, *_ = env.step({f"master/{i}": MASTER_INDEX["observe"] for i in range(2)})
+    assert env.sim.t == t0 + 1 and set(obs) == {"master/0", "master/1"}
+    assert set(rewards) == {"master/0", "master/1"}
+
+
+def test_specialist_is_rewarded_for_a_cure_and_not_for_a_wrong_guess():
+    # schema_drift at ingest from step 1: schema_remap at ingest addresses it, at load it does not.
+    rewards = {}
+    for stage in ("ingest", "load"):
+        env = make_env(pipelines=1, at=1)
+        env.reset(seed=2)
+        env.step({"master/0": MASTER_INDEX["observe"]})  # now the fault is active
+        env.step({"master/0": MASTER_INDEX["delegate_drift"]})
+        index = LAYOUTS["drift"].encode("schema_remap", STAGES.index(stage))
+        _, r, *_ = env.step({"drift/0": index})
+        rewards[stage] = r["drift/0"]
+    assert rewards["ingest"] > 0.5 > 0 > rewards["load"]
+
+
+def test_episode_end_gives_every_participant_a_final_observation():
+    env = make_env(pipelines=2, steps=12)
+    obs, _ = env.reset(seed=0)
+    truncated = {"__all__": False}
+    first = True
+    while not truncated["__all__"]:
+        if first:
+            obs, *_ = env.step({"master/0": MASTER_INDEX["delegate_infra"], "master/1": 3})
+            obs, _, _, truncated, _ = env.step({"infra/0": LAYOUTS["infra"].encode("observe")})
+            first = False
+            continue
+        obs, _, _, truncated, _ = env.step({a: MASTER_INDEX["observe"] for a in obs})
+    assert set(obs) == {"master/0", "master/1", "infra/0"}
+
+
+def test_masks_follow_the_rules():
+    topo = ("ingest", "validate", "transform", "load")  # no model stage
+    enc = ObservationEncoder(topo, SimParams(), n=1)
+    drift = enc.action_mask("drift").reshape(len(LAYOUTS["drift"].actions), N_SLOTS)
+    actions = LAYOUTS["drift"].actions
+    assert drift[actions.index("retrain_model")].sum() == 0  # no model: nothing to retrain
+    assert drift[actions.index("observe")].tolist() == [1, 0, 0, 0, 0]  # observe takes no stage
+    assert drift[actions.index("schema_remap"), MODEL_SLOT] == 0  # no such stage
+    infra = enc.action_mask("infra").reshape(len(LAYOUTS["infra"].actions), N_SLOTS)
+    # Four replicas at the start: scale_in and scale_out both possible on present stages.
+    assert infra[LAYOUTS["infra"].actions.index("scale_in"), :4].all()
+    full = ObservationEncoder(STAGES, SimParams(), n=1)
+    model = full.action_mask("drift").reshape(len(actions), N_SLOTS)
+    assert model[actions.index("retrain_model")].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_escalate_is_masked_while_a_human_is_on_the_way():
+    env = make_env(pipelines=1)
+    obs, _ = env.reset(seed=0)
+    assert obs["master/0"]["action_mask"][MASTER_INDEX["escalate"]] == 1
+    obs, *_ = env.step({"master/0": MASTER_INDEX["escalate"]})
+    obs, *_ = env.step({"master/0": MASTER_INDEX["observe"]})
+    # human_paged is observed with noise but is a 0/1 flag; it reads as paged here.
+    assert obs["master/0"]["action_mask"][MASTER_INDEX["escalate"]] == 0
+
+
+def test_agent_ids_name_role_and_pipeline():
+    env = make_env(pipelines=2)
+    assert agent_id("infra", 1) in env.possible_agents
+    assert len(env.possible_agents) == 2 * 4
+
+
+def test_empty_training_mix_is_a_clear_error():
+    with pytest.raises(ValueError, match="no training scenarios"):
+        PipelineMedicEnv(EnvConfig(scenarios=(), random={"share": 0.0}))
+
+
+def test_random_training_scenarios_are_valid_and_vary():
+    env = PipelineMedicEnv(EnvConfig(random={"share": 1.0, "duration_steps": 30}, pipelines=1))
+    names = set()
+    for seed in range(5):
+        env.reset(seed=seed)
+        assert isinstance(env.scenario, Scenario)
+        names.add(env.scenario.load.pattern)
+    assert env.scenario.duration_steps == 30 and names <= {"flat", "diurnal"}

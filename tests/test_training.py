@@ -1,0 +1,316 @@
+"""Real (short) RLlib training: learning, resuming after a kill, Ray-free inference, ray job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from agents.inference import LearnedPolicy, load_bundle
+from agents.policy import EpisodeContext
+from agents.ppo_config import build_ppo_config, load_train_config
+from agents.rollout import episode_seeds, rollout
+from cluster.train import current_nets, train
+from envs.catalogue import ACTION_ID
+from envs.errors import CheckpointError, ConfigError
+from envs.metrics import aggregate
+from envs.multi_agent_env import PipelineMedicEnv
+from envs.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+EASY = "configs/scenarios/duplicate-burst.yaml"
+
+
+def tiny_config(tmp_path: Path, **overrides) -> Path:
+    """A training config small enough for a test: one scenario, small batches."""
+    cfg = {
+        "kind": "hierarchical",
+        "env": {
+            "scenarios": [str(ROOT / EASY)],
+            "random": {"share": 0.0},
+            "max_episode_steps": 60,
+            "pipelines": 8,
+        },
+        "held_out": [],
+        "ppo": {
+            "env_runners": 0,
+            "envs_per_runner": 1,
+            "train_batch_size": 400,
+            "minibatch_size": 400,
+            "num_epochs": 8,
+            "lr": 0.001,
+            "hidden": [64, 64],
+        },
+        "stop": {"pipeline_steps": 10**9, "minutes": 10},
+        "checkpoint_every": 1,
+        "evaluate_every": 1000,
+        "warm_start": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class UniformRandomPolicy:
+    """Any allowed (action, stage), uniformly: what an untrained agent would do."""
+
+    name = "random"
+    needs_ground_truth = False
+
+    def reset(self, ctx: EpisodeContext) -> None:
+        from envs.observation import ObservationEncoder
+
+        self.enc = ObservationEncoder(ctx.topology, ctx.params, n=ctx.n)
+        self.rng = np.random.default_rng(0)
+
+    def act(self, tel, truth=None):
+        self.enc.update(tel)
+        mask = self.enc.action_mask("flat")
+        index = np.array([self.rng.choice(np.flatnonzero(m)) for m in mask])
+        actions, stages = self.enc.to_sim("flat", index)
+        self.enc.record_action(actions, self.enc.slots[stages])
+        return actions, stages
+
+
+def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, tmp_path):
+    # The shipped recipe, small: imitate the oracle briefly, then a few PPO iterations.
+    warm = {"enabled": True, "pipeline_steps": 16000, "rounds": 2, "pipelines": 16}
+    cfg = load_train_config(tiny_config(tmp_path, warm_start=warm))
+    summary = train(cfg, tmp_path / "run", promote=False, max_iterations=3)
+    assert summary["iteration"] == 3 and summary["warm_start_steps"] >= 16000
+    scenario = load_scenario(ROOT / EASY).model_copy(update={"duration_steps": 60})
+    seeds = episode_seeds(scenario, 0, 8)
+    trained = aggregate(rollout(LearnedPolicy.load(summary["bundle"]), scenario, seeds))
+    random = aggregate(rollout(UniformRandomPolicy(), scenario, seeds))
+    # The random policy restarts, replays and scales at random; the trained one deduplicates.
+    assert trained["mttr_s"] < 0.5 * random["mttr_s"], (trained, random)
+    assert trained["records_lost"] < random["records_lost"], (trained, random)
+    assert trained["slo_adherence"] >= random["slo_adherence"], (trained, random)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert all(r["pipeline_steps_per_s"] > 0 for r in rows)
+    assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
+
+
+def test_inference_wrapper_agrees_with_the_rllib_modules_greedy_action(ray_session, tmp_path):
+    from ray.rllib.core.columns import Columns
+
+    cfg = load_train_config(tiny_config(tmp_path))
+    algo = build_ppo_config(cfg).build_algo()
+    try:
+        algo.train()  # move the weights away from their initial values
+        nets = current_nets(algo, cfg)
+        modules = {m: algo.learner_group._learner.module[m] for m in nets}
+    finally:
+        algo.stop()
+    policy = LearnedPolicy({"kind": "hierarchical"}, nets)
+    env = PipelineMedicEnv(cfg.env_config())
+    obs, _ = env.reset(seed=4)
+    policy.encoder = env.encoder  # decide on exactly the env's observations
+    compared = 0
+    for _ in range(40):
+        decision = policy.decide(env.encoder)
+        for aid, o in obs.items():
+            role, i = aid.split("/")
+            batch = {
+                Columns.OBS: {k: torch.from_numpy(v[None]) for k, v in o.items()},
+            }
+            with torch.no_grad():
+                logits = modules[role].forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
+            greedy = int(logits.argmax())
+            if role == "master":
+                assert decision.master_probs[int(i)].argmax() == greedy
+            compared += 1
+        actions = {aid: int(np.flatnonzero(o["action_mask"])[0]) for aid, o in obs.items()}
+        obs, _, _, truncated, _ = env.step(actions)
+        if truncated["__all__"]:
+            break
+    assert compared >= 40
+
+
+def test_inference_decides_master_then_specialist_in_one_call(tmp_path):
+    from agents.inference import export_bundle
+    from agents.networks import PolicyValueNet
+    from envs.observation import LAYOUTS, ObservationEncoder, observation_size
+    from envs.params import SimParams
+    from envs.simulator import PipelineSim
+
+    nets = {
+        a: PolicyValueNet(observation_size("master" if a == "master" else a), LAYOUTS[a].size, [8])
+        for a in ("master", "drift", "infra", "quality")
+    }
+    # Force the master to delegate to infra and infra to scale out the transform stage.
+    with torch.no_grad():
+        nets["master"].pi[-1].bias[1] = 50.0
+        nets["infra"].pi[-1].bias[LAYOUTS["infra"].encode("scale_out", 2)] = 50.0
+    export_bundle(tmp_path / "bundle", "hierarchical", nets, {"iteration": 0})
+    policy = LearnedPolicy.load(tmp_path / "bundle")
+    scenario = load_scenario(ROOT / EASY)
+    sim = PipelineSim(scenario, n=2)
+    enc = ObservationEncoder(scenario.topology, SimParams(), n=2)
+    enc.update(sim.reset([1, 2]))
+    d = policy.decide(enc)
+    assert d.specialist == ["infra", "infra"]
+    assert (d.action == ACTION_ID["scale_out"]).all() and (d.stage == 2).all()
+    assert d.master_probs[0, 1] > 0.99
+    assert "scale_out@transform" in d.action_probs[0]["infra"]
+
+
+def test_a_bundle_from_other_code_or_missing_files_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no policy bundle"):
+        load_bundle(tmp_path / "nothing")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "policy.json").write_text(
+        json.dumps(
+            {
+                "format": "pipemedic-policy-v1",
+                "kind": "flat",
+                "agents": {"flat": {"obs_size": 3, "n_actions": 2, "hidden": [4]}},
+            }
+        )
+    )
+    with pytest.raises(CheckpointError, match="trained for observation/action sizes"):
+        load_bundle(tmp_path / "b")
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tiny_config(tmp_path, ppo={"lr": -1})
+    with pytest.raises(ConfigError, match="ppo.lr"):
+        load_train_config(bad)
+    both = tiny_config(tmp_path, held_out=[str(ROOT / EASY)])
+    with pytest.raises(ConfigError, match="must not be trained on"):
+        load_train_config(both)
+
+
+def _run_train(config: Path, out: Path, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.train",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--no-promote",
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def test_killed_training_resumes_from_the_latest_checkpoint(tmp_path):
+    config = tiny_config(tmp_path)
+    out = tmp_path / "run"
+    proc = _run_train(config, out)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "iter_000002":
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    killed_at = json.loads(
+        (out / "checkpoints" / latest.read_text().strip() / "train_state.json").read_text()
+    )
+    again = _run_train(config, out, "--iterations", "1")
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    resumed_from = out / "checkpoints" / f"iter_{killed_at['iteration']:06d}"
+    assert f"resumed from {resumed_from}" in output
+    final = json.loads((out / "policy" / "policy.json").read_text())
+    assert final["iteration"] == killed_at["iteration"] + 1
+    assert final["pipeline_steps"] > killed_at["pipeline_steps"]
+
+
+def test_ray_job_submit_runs_the_same_entry_point(tmp_path):
+    """``ray start --head`` (its own cluster, stopped by signalling only its processes), then
+    ``ray job submit --working-dir .`` of the unchanged entry point."""
+    import urllib.request
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    config = tiny_config(tmp_path)
+    port, dash = "6391", "8271"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = subprocess.Popen(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and head.poll() is None, "ray head did not start"
+                time.sleep(1)
+        out = tmp_path / "job-run"
+        job = subprocess.run(
+            [
+                ray_cli,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "-m",
+                "cluster.train",
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--iterations",
+                "1",
+                "--no-promote",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=400,
+        )
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert "succeeded" in job.stdout + job.stderr
+        manifest = json.loads((out / "policy" / "policy.json").read_text())
+        assert manifest["iteration"] == 1 and manifest["kind"] == "hierarchical"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -1,0 +1,55 @@
+"""Warm start: the teacher's labels map onto the hierarchy correctly, and imitation learns them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agents.inference import agent_sizes
+from agents.networks import PolicyValueNet
+from agents.warm_start import WarmStartConfig, _domain_labels, collect, fit
+from envs.catalogue import ACTION_ID, STAGES, best_cure
+from envs.multi_agent_env import EnvConfig, PipelineMedicEnv
+from envs.observation import LAYOUTS
+from tests.conftest import single_fault_scenario
+
+
+def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
+    scenario = single_fault_scenario("memory_leak", at=1)  # infra, at its first allowed stage
+    env = PipelineMedicEnv(EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=2))
+    env.reset(seed=0)
+    env.step({"master/0": 3, "master/1": 3})  # observe: the fault is now active
+    labels = _domain_labels(env)
+    stage = STAGES.index(scenario.faults[0].stage)
+    action, slot = labels["infra"]
+    assert (action == ACTION_ID[best_cure("memory_leak").action]).all() and (slot == stage).all()
+    for quiet in ("drift", "quality"):
+        assert (labels[quiet][0] == ACTION_ID["observe"]).all()
+
+
+def test_teacher_episodes_label_the_master_with_the_right_delegation():
+    scenario = single_fault_scenario("duplicate_burst", at=3, steps=30)
+    cfg = EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=4)
+    data, used = collect(cfg, None, steps=100, teacher_share=1.0, pipelines=4, seed=0)
+    assert used >= 100
+    master = np.array(data["master"].label)
+    delegate_quality = LAYOUTS["master"].encode("delegate_quality")
+    assert (master == delegate_quality).any()
+    assert set(master) <= {delegate_quality, LAYOUTS["master"].encode("observe")}
+    # Rewards were recorded for the value fit, one per master decision.
+    assert len(data["master"].reward) == len(master) and min(data["master"].reward) < 0
+    dedupe = {LAYOUTS["quality"].encode("deduplicate", s) for s in range(5)}
+    assert set(data["quality"].label) & dedupe
+
+
+def test_fit_learns_the_labels():
+    scenario = single_fault_scenario("duplicate_burst", at=3, steps=30)
+    cfg = EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=8)
+    data, _ = collect(cfg, None, steps=2000, teacher_share=1.0, pipelines=8, seed=1)
+    nets = {a: PolicyValueNet(*agent_sizes(a), [64]) for a in data}
+    accuracy = fit(nets, data, WarmStartConfig(epochs=20, batch_size=64), gamma=0.98, seed=0)
+    for role in ("master", "quality"):
+        labels = np.array(data[role].label)
+        majority = np.bincount(labels).max() / len(labels)  # what a constant answer scores
+        assert accuracy[role] > majority, (role, accuracy, majority)
+    # The acting labels (delegate, deduplicate) are learned, not drowned by the quiet steps.
+    assert accuracy["master (acting labels)"] > 0.5 and accuracy["quality (acting labels)"] > 0.5
