@@ -7,9 +7,10 @@ every agent a sensible starting point; PPO then optimises the real reward from t
 
 The teacher is the ``oracle`` (it knows the true faults and applies their best cure). The
 student only sees telemetry, so imitating it is learning to diagnose. Data are collected with
-DAgger: round 0 follows the teacher; later rounds let the student act (with probability
-``1 - teacher_share``) while the teacher still labels every state, so the student also learns
-to recover from its own mistakes. Labels map onto the hierarchy: the oracle's cure ``a`` at
+DAgger: round 0 follows the teacher; round ``r`` lets the teacher act with probability
+``teacher_share ** r`` and the student otherwise, while the teacher labels every state, so the
+student also sees (and learns to recover from) the states its own mistakes lead to, such as a
+memory leak left to grow until it is plain to see. Labels map onto the hierarchy: the oracle's cure ``a`` at
 stage ``s`` becomes ``delegate_<domain of a>`` for the master and ``(a, s)`` for that
 specialist; ``observe`` stays ``observe``. The value heads are fitted to the discounted returns
 of the same episodes (the environment's own rewards), so PPO's first advantages make sense.
@@ -61,6 +62,9 @@ class WarmStartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    from_bundle: str | None = Field(
+        None, description="start from this policy bundle's weights instead of imitating"
+    )
     pipeline_steps: int = Field(200_000, ge=1000, description="simulated steps to collect")
     rounds: int = Field(3, ge=1, description="DAgger rounds (the first follows the teacher)")
     teacher_share: float = Field(
@@ -70,7 +74,8 @@ class WarmStartConfig(BaseModel):
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(512, ge=16)
     lr: float = Field(1e-3, gt=0)
-    max_class_weight: float = Field(5.0, ge=1, description="cap on up-weighting acting labels")
+    max_class_weight: float = Field(10.0, ge=1, description="cap on up-weighting rare labels")
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
 
 
 class _Samples:
@@ -245,16 +250,23 @@ def fit(
         ret = torch.from_numpy(s.returns(gamma)) if has_value else None
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         n = len(label)
-        # Acting labels are rare (most steps are quiet): weight them up to balance the classes.
+        # Most steps are quiet and some faults are rare: weight each sample by the inverse of
+        # its label's frequency (capped), so rare cures are not drowned out.
+        counts = torch.bincount(label, minlength=net.n_actions).float()
+        weight = (counts[label].reciprocal() * n / counts.count_nonzero()).clamp(
+            max=cfg.max_class_weight
+        )
+        # Label smoothing over the allowed actions keeps some probability on the alternatives,
+        # so PPO can still explore where the teacher's labels were thin.
+        allowed = mask / mask.sum(dim=1, keepdim=True)
+        target = (1 - cfg.label_smoothing) * torch.nn.functional.one_hot(
+            label, net.n_actions
+        ).float() + cfg.label_smoothing * allowed
         acting = label != LAYOUTS[role].encode("observe")
-        n_act = int(acting.sum())
-        weight = torch.ones(n)
-        if 0 < n_act < n:
-            weight[acting] = min(cfg.max_class_weight, (n - n_act) / n_act)
         for _ in range(cfg.epochs):
             for idx in torch.randperm(n).split(cfg.batch_size):
                 logits = net.logits(obs[idx], mask[idx])
-                ce = torch.nn.functional.cross_entropy(logits, label[idx], reduction="none")
+                ce = -(target[idx] * torch.log_softmax(logits, dim=1)).sum(dim=1)
                 loss = (ce * weight[idx]).sum() / weight[idx].sum()
                 if ret is not None:
                     loss = loss + 0.5 * torch.nn.functional.mse_loss(net.value(obs[idx]), ret[idx])
@@ -288,7 +300,7 @@ def warm_start(
             env_cfg,
             None if r == 0 else nets,
             steps=per_round,
-            teacher_share=1.0 if r == 0 else cfg.teacher_share,
+            teacher_share=cfg.teacher_share**r,
             pipelines=cfg.pipelines,
             seed=seed * 1000 + r,
             round_id=r,

@@ -8,13 +8,19 @@ or, unchanged, as a job on a running Ray cluster::
 
     ray job submit --working-dir . -- python -m cluster.train --config configs/train.yaml
 
+The run: warm start (``agents.warm_start``, imitating the oracle), then PPO iterations. After
+the warm start and every ``evaluate_every`` iterations the current policy is scored on a
+validation set (the training scenarios on other seeds plus a random one, never the held-out
+ones) with the training objective; the best so far is kept as ``policy/`` (early stopping).
+
 What it writes under ``--out`` (default ``store/runs/KIND``):
 
-    metrics.jsonl      one line per iteration: env steps, env steps/s, return per agent,
-                       held-out evaluation metrics every ``evaluate_every`` iterations
+    metrics.jsonl      one line per iteration: pipeline steps, steps/s, return per agent;
+                       validation score and held-out metrics (for watching) at each review
     checkpoints/       RLlib checkpoints every ``checkpoint_every`` iterations; ``latest``
                        names the newest complete one
-    policy/            the exported policy bundle (``agents.inference``), Ray-free
+    policy/            the selected policy bundle (``agents.inference``), Ray-free
+    candidate/         the policy of the latest review
     learning_curves.png
 
 Killing the job and starting it again with the same ``--out`` resumes from the latest
@@ -43,14 +49,16 @@ from agents.inference import (
     agent_sizes,
     default_bundle_dir,
     export_bundle,
+    load_bundle,
 )
 from agents.networks import PolicyValueNet
 from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
-from envs.errors import PipemedicError
+from envs.errors import CheckpointError, PipemedicError
 from envs.metrics import aggregate
-from envs.params import load_sim_params
-from envs.scenario import load_scenario
+from envs.multi_agent_env import ScenarioMix
+from envs.params import STEP_SECONDS, load_sim_params
+from envs.scenario import RandomFaults, Scenario, load_scenario
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
@@ -110,8 +118,17 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
     """Imitate the oracle (agents.warm_start), then hand the weights to RLlib."""
     from agents.warm_start import warm_start
 
-    nets = current_nets(algo, cfg)
     ws = cfg.warm_start
+    if ws.from_bundle:
+        manifest, nets = load_bundle(Path(ws.from_bundle))
+        if manifest["kind"] != cfg.kind:
+            raise CheckpointError(
+                f"warm_start.from_bundle is a {manifest['kind']} policy, not {cfg.kind}"
+            )
+        set_nets(algo, nets)
+        console.print(f"warm start from the bundle {ws.from_bundle}")
+        return int(manifest.get("pipeline_steps", 0))  # what the bundle cost, if it says
+    nets = current_nets(algo, cfg)
 
     def report(round_: int, used: int, accuracy: dict[str, float]) -> None:
         acc = "  ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy.items()))
@@ -124,6 +141,41 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
     )
     set_nets(algo, nets)
     return used
+
+
+def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
+    """The validation set: the training scenario files and one random-fault scenario like the
+    training ones, on seeds training never draws. Never the held-out scenarios."""
+    env = cfg.env_config()
+    mix = ScenarioMix(env)
+    random = Scenario(
+        name="validation-random",
+        duration_steps=env.random.duration_steps,
+        random_faults=RandomFaults(rate_per_hour=env.random.rate_per_hour),
+        seed=cfg.seed + 7,
+    )
+    return [*mix.files, random]
+
+
+def validation_score(bundle: Path, cfg: TrainConfig) -> float:
+    """The training objective measured on the validation set with the greedy policy: the mean
+    per-episode penalty (SLO-breach steps, incident-open steps, records lost in steps' worth,
+    cost) with the reward weights. Lower is better; it picks the exported policy."""
+    params = load_sim_params(cfg.env.sim_config)
+    w = cfg.env.rewards
+    total, episodes = 0.0, 0
+    for scenario in validation_scenarios(cfg):
+        seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
+        for m in rollout(LearnedPolicy.load(bundle), scenario, seeds, params=params):
+            per_step = scenario.load.base_rps * STEP_SECONDS
+            total += (
+                w.slo * (m.steps - m.slo_ok_steps)
+                + w.open * sum(o.recovery_steps for o in m.incidents)
+                + w.lost * m.records_lost / per_step
+                + w.cost * m.cost
+            )
+            episodes += 1
+    return total / episodes
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -205,6 +257,8 @@ def train(
                 target.unlink()
     (out / "config.json").write_text(cfg.model_dump_json(indent=2, by_alias=True))
 
+    metrics_file = out / "metrics.jsonl"
+    bundle_dir = out / "policy"
     ensure_ray()
     algo = build_ppo_config(cfg).build_algo()
     state = {
@@ -228,9 +282,11 @@ def train(
         state.update(
             pipeline_steps=used, warm_start_steps=used, train_seconds=time.monotonic() - t0
         )
+        record = {"iteration": 0, "pipeline_steps": used, "warm_start": True, "time": time.time()}
+        _review(algo, cfg, out, state, record, console, prefix="after warm start:")
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(record, default=_plain) + "\n")
 
-    metrics_file = out / "metrics.jsonl"
-    bundle_dir = out / "policy"
     deadline = time.monotonic() + cfg.stop.minutes * 60 - state["train_seconds"]
     started_iteration = state["iteration"]
     with Progress(
@@ -259,15 +315,14 @@ def train(
             dt = time.monotonic() - t0
             record = _iteration_record(result, cfg, state, dt)
             state = {
+                **state,
                 "iteration": record["iteration"],
                 "pipeline_steps": record["pipeline_steps"],
                 "env_steps": record["env_steps"],
-                "warm_start_steps": state.get("warm_start_steps", 0),
                 "train_seconds": state["train_seconds"] + dt,
             }
-            if state["iteration"] % cfg.evaluate_every == 0 and cfg.held_out:
-                export_bundle(bundle_dir, cfg.kind, current_nets(algo, cfg), dict(state))
-                record["eval"] = evaluate_bundle(bundle_dir, cfg)["overall"]
+            if state["iteration"] % cfg.evaluate_every == 0:
+                _review(algo, cfg, out, state, record, console)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=_plain) + "\n")
             top_return = record["return_per_pipeline"].get(
@@ -277,26 +332,69 @@ def train(
                 f"it {state['iteration']}  {record['pipeline_steps_per_s']:.0f} pipeline steps/s"
                 f"  return {top_return:.1f}"
             )
+            if "validation_score" in record:
+                status += f"  validation {record['validation_score']:.1f}"
             if "eval" in record:
-                status += f"  held-out MTTR {record['eval']['mttr_s']:.0f}s SLO {record['eval']['slo_adherence']:.1%}"
+                status += _eval_status(record["eval"], prefix=" ")
             progress.update(task, completed=state["pipeline_steps"], status=status)
             if not console.is_terminal:
                 console.print(status)
             if state["iteration"] % cfg.checkpoint_every == 0:
                 _save_checkpoint(algo, out, state)
 
+    if state.get("reviewed_iteration") != state["iteration"]:
+        record = {"iteration": state["iteration"], "final": True, "time": time.time()}
+        _review(algo, cfg, out, state, record, console, prefix="final:")
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(record, default=_plain) + "\n")
     _save_checkpoint(algo, out, state)
-    info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
-    export_bundle(bundle_dir, cfg.kind, current_nets(algo, cfg), info)
     algo.stop()
     summary = {**state, "bundle": str(bundle_dir)}
     if promote:
         target = default_bundle_dir(cfg.kind)
         target.parent.mkdir(parents=True, exist_ok=True)
-        export_bundle(target, cfg.kind, LearnedPolicy.load(bundle_dir).nets, info)
+        manifest, nets = load_bundle(bundle_dir)
+        export_bundle(
+            target,
+            cfg.kind,
+            nets,
+            {k: v for k, v in manifest.items() if k not in ("format", "kind", "agents")},
+        )
         summary["promoted"] = str(target)
     plot_learning_curves(metrics_file, out / "learning_curves.png")
     return summary
+
+
+def _review(
+    algo, cfg: TrainConfig, out: Path, state: dict, record: dict, console: Console, prefix: str = ""
+) -> None:
+    """Score the current policy on the validation set; keep it as ``out/policy`` when it is the
+    best so far (early stopping on validation, never on held-out). Held-out metrics are logged
+    for watching only. Updates ``state`` and ``record`` in place."""
+    candidate = out / "candidate"
+    info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
+    export_bundle(candidate, cfg.kind, current_nets(algo, cfg), info)
+    score = validation_score(candidate, cfg)
+    record["validation_score"] = round(score, 3)
+    state["reviewed_iteration"] = state["iteration"]
+    if score < state.get("best_score", float("inf")):
+        state.update(best_score=score, best_iteration=state["iteration"])
+        selected = {**info, "best_score": score, "selected_iteration": state["iteration"]}
+        export_bundle(out / "policy", cfg.kind, load_bundle(candidate)[1], selected)
+    if cfg.held_out:
+        record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
+    if prefix:
+        line = f"{prefix} validation {score:.1f} (best {state['best_score']:.1f} at iteration {state['best_iteration']})"
+        if "eval" in record:
+            line += _eval_status(record["eval"], prefix=";")
+        console.print(line)
+
+
+def _eval_status(ev: dict[str, Any], *, prefix: str) -> str:
+    return (
+        f"{prefix} held-out MTTR {ev['mttr_s']:.0f}s SLO {ev['slo_adherence']:.1%} "
+        f"unresolved {ev['unresolved_pct']:.1f}% lost {ev['records_lost']:,.0f}"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -326,7 +424,9 @@ def plot_learning_curves(metrics_file: Path, png: Path) -> None:
     steps = [r["pipeline_steps"] for r in rows]
     agents = sorted({a for r in rows for a in r.get("return_per_pipeline", {})})
     for a in agents:
-        axes[0].plot(steps, [r["return_per_pipeline"].get(a, np.nan) for r in rows], label=a)
+        axes[0].plot(
+            steps, [r.get("return_per_pipeline", {}).get(a, np.nan) for r in rows], label=a
+        )
     axes[0].set(title="episode return per pipeline, by agent", xlabel="pipeline steps")
     axes[0].legend()
     ev = [r for r in rows if "eval" in r]

@@ -98,7 +98,7 @@ def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, t
     assert trained["records_lost"] < random["records_lost"], (trained, random)
     assert trained["slo_adherence"] >= random["slo_adherence"], (trained, random)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]  # 0: after the warm start
     assert all(r["pipeline_steps_per_s"] > 0 for r in rows)
     assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
 
@@ -193,19 +193,23 @@ def test_config_errors_name_the_key(tmp_path):
         load_train_config(both)
 
 
+def _train_args(config: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments after ``python`` for the training entry point."""
+    return [
+        "-m",
+        "cluster.train",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--no-promote",
+        *extra,
+    ]
+
+
 def _run_train(config: Path, out: Path, *extra: str, env=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cluster.train",
-            "--config",
-            str(config),
-            "--out",
-            str(out),
-            "--no-promote",
-            *extra,
-        ],
+        [sys.executable, *_train_args(config, out, *extra)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -236,7 +240,8 @@ def test_killed_training_resumes_from_the_latest_checkpoint(tmp_path):
     assert again.returncode == 0, output
     resumed_from = out / "checkpoints" / f"iter_{killed_at['iteration']:06d}"
     assert f"resumed from {resumed_from}" in output
-    final = json.loads((out / "policy" / "policy.json").read_text())
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    final = json.loads((latest / "train_state.json").read_text())
     assert final["iteration"] == killed_at["iteration"] + 1
     assert final["pipeline_steps"] > killed_at["pipeline_steps"]
 
@@ -289,15 +294,7 @@ def test_ray_job_submit_runs_the_same_entry_point(tmp_path):
                 str(ROOT),
                 "--",
                 "python",
-                "-m",
-                "cluster.train",
-                "--config",
-                str(config),
-                "--out",
-                str(out),
-                "--iterations",
-                "1",
-                "--no-promote",
+                *_train_args(config, out, "--iterations", "1"),
             ],
             capture_output=True,
             text=True,
@@ -314,3 +311,32 @@ def test_ray_job_submit_runs_the_same_entry_point(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_policy_names_load_the_promoted_bundle_from_the_store(tmp_path, monkeypatch):
+    from agents.inference import export_bundle
+    from agents.networks import PolicyValueNet
+    from agents.policy import make_policy
+    from envs.observation import LAYOUTS, observation_size
+
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path))
+    with pytest.raises(CheckpointError, match="no policy bundle"):
+        make_policy("flat")
+    net = PolicyValueNet(observation_size("master"), LAYOUTS["flat"].size, [8])
+    export_bundle(tmp_path / "policies" / "flat", "flat", {"flat": net}, {"iteration": 7})
+    policy = make_policy("flat")
+    assert policy.name == "flat" and policy.manifest["iteration"] == 7
+    scenario = load_scenario(ROOT / EASY).model_copy(update={"duration_steps": 20})
+    episodes = rollout(policy, scenario, episode_seeds(scenario, 0, 2))
+    assert len(episodes) == 2
+
+
+def test_evaluate_cli_names_a_missing_policy_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path))
+    result = CliRunner().invoke(app, ["evaluate", "--policy", "hierarchical", "--held-out"])
+    assert result.exit_code == 2
+    assert "no policy bundle at" in result.output and "Traceback" not in result.output
