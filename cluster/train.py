@@ -325,12 +325,11 @@ def train(
                 _review(algo, cfg, out, state, record, console)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=_plain) + "\n")
-            top_return = record["return_per_pipeline"].get(
-                AGENTS_OF_KIND[cfg.kind][0], float("nan")
-            )
+            top_return = record["return_per_pipeline"].get(AGENTS_OF_KIND[cfg.kind][0])
+            shown = "-" if top_return is None else f"{top_return:.1f}"  # no episode ended
             status = (
                 f"it {state['iteration']}  {record['pipeline_steps_per_s']:.0f} pipeline steps/s"
-                f"  return {top_return:.1f}"
+                f"  return {shown}"
             )
             if "validation_score" in record:
                 status += f"  validation {record['validation_score']:.1f}"
@@ -343,7 +342,12 @@ def train(
                 _save_checkpoint(algo, out, state)
 
     if state.get("reviewed_iteration") != state["iteration"]:
-        record = {"iteration": state["iteration"], "final": True, "time": time.time()}
+        record = {
+            "iteration": state["iteration"],
+            "pipeline_steps": state["pipeline_steps"],
+            "final": True,
+            "time": time.time(),
+        }
         _review(algo, cfg, out, state, record, console, prefix="final:")
         with metrics_file.open("a") as f:
             f.write(json.dumps(record, default=_plain) + "\n")
@@ -411,31 +415,34 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_learning_curves(metrics_file: Path, png: Path) -> None:
-    """Return per agent and held-out MTTR/SLO against env steps."""
+    """Return per pipeline by agent, validation score and held-out MTTR/SLO against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_file)
+    rows = [r for r in read_metrics(metrics_file) if "pipeline_steps" in r]
     if not rows:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     steps = [r["pipeline_steps"] for r in rows]
     agents = sorted({a for r in rows for a in r.get("return_per_pipeline", {})})
     for a in agents:
-        axes[0].plot(
-            steps, [r.get("return_per_pipeline", {}).get(a, np.nan) for r in rows], label=a
-        )
+        values = [r.get("return_per_pipeline", {}).get(a, np.nan) for r in rows]
+        axes[0].plot(steps, values, label=a)
     axes[0].set(title="episode return per pipeline, by agent", xlabel="pipeline steps")
-    axes[0].legend()
-    ev = [r for r in rows if "eval" in r]
-    axes[1].plot([r["pipeline_steps"] for r in ev], [r["eval"]["mttr_s"] for r in ev], marker="o")
-    axes[1].set(title="held-out MTTR (s)", xlabel="pipeline steps")
-    axes[2].plot(
-        [r["pipeline_steps"] for r in ev], [r["eval"]["slo_adherence"] for r in ev], marker="o"
-    )
-    axes[2].set(title="held-out SLO adherence", xlabel="pipeline steps")
+    if agents:
+        axes[0].legend()
+    panels = [
+        ("validation_score", "validation score (lower is better; picks the policy)"),
+        ("mttr_s", "held-out MTTR (s), watched only"),
+        ("slo_adherence", "held-out SLO adherence, watched only"),
+    ]
+    for ax, (key, title) in zip(axes[1:], panels, strict=True):
+        pts = [(r["pipeline_steps"], r.get(key, r.get("eval", {}).get(key))) for r in rows]
+        pts = [(x, y) for x, y in pts if y is not None]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o")
+        ax.set(title=title, xlabel="pipeline steps")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
