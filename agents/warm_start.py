@@ -225,10 +225,6 @@ def _student_action(net: PolicyValueNet, o: dict[str, np.ndarray]) -> int:
     return int(net.logits(obs, mask).argmax())
 
 
-def n_samples(s: _Samples) -> int:
-    return len(s.label)
-
-
 def fit(
     nets: dict[str, PolicyValueNet],
     data: dict[str, _Samples],
@@ -246,8 +242,10 @@ def fit(
         obs = torch.from_numpy(np.stack(s.obs))
         mask = torch.from_numpy(np.stack(s.mask))
         label = torch.tensor(s.label)
-        has_value = len(s.reward) == n_samples(s)
-        ret = torch.from_numpy(s.returns(gamma)) if has_value else None
+        # Only the acting role has a reward per sample; specialists are also labelled on steps
+        # they did not act, so their value heads are left to PPO.
+        acted = len(s.reward) == len(s.label)
+        ret = torch.from_numpy(s.returns(gamma)) if acted else None
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         n = len(label)
         # Most steps are quiet and some faults are rare: weight each sample by the inverse of
