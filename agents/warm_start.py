@@ -111,8 +111,10 @@ def _domain_labels(env: PipelineMedicEnv) -> dict[str, tuple[np.ndarray, np.ndar
         action = np.full(env.k, OBSERVE, dtype=np.int64)
         slot = np.zeros(env.k, dtype=np.int64)
         in_domain = truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])
+        # Like the oracle: the oldest fault with no cure under way, else the oldest one.
+        uncured = in_domain & ~truth.cure_pending
         for i in np.flatnonzero(in_domain.any(axis=1)):
-            k = int(np.argmax(in_domain[i]))
+            k = int(np.argmax(uncured[i] if uncured[i].any() else in_domain[i]))
             cure = best_cure(FAULT_TYPES[truth.types[i, k]])
             action[i] = ACTION_ID[cure.action]
             on_model = cure.target == "model"
@@ -193,7 +195,8 @@ def collect(
                     action, slot = domain[role]
                     label = LAYOUTS[role].encode(SIM_ACTIONS[action[i]], slot[i])
                     if follow_teacher[i] or nets is None:
-                        actions[aid] = label if o["action_mask"][label] else 0
+                        allowed = o["action_mask"][label] > 0
+                        actions[aid] = label if allowed else LAYOUTS[role].encode("observe")
                     else:
                         actions[aid] = _student_action(nets[role], o)
             obs, rewards, _, truncated, _ = env.step(actions)

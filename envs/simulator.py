@@ -441,7 +441,8 @@ class PipelineSim:
         )
         oom = self.mem >= 1.0
         dropped = self._dropped_by_action
-        self.last_action_dropped = dropped  # for rewards: records this step's action dropped
+        # For rewards: what this step's action dropped (a copy: OOM and overflow add to `dropped`).
+        self.last_action_dropped = dropped.copy()
         self._dropped_by_action = np.zeros(n)
         if oom.any():
             dropped += (self.queue * oom).sum(axis=1)
