@@ -295,19 +295,19 @@ def demo(
     config: Annotated[Path, typer.Option(help="Training config of the demo.")] = Path(
         "configs/train-quick.yaml"
     ),
+    store: Annotated[Path, typer.Option(help="The demo's own store.")] = Path("store/demo"),
 ) -> None:
     """The main job: train hierarchical and flat quickly, then evaluate them against the
     baselines on the held-out scenarios and print the table.
 
-    The demo keeps its own store (store/demo) so it never replaces a policy trained with the
-    default config."""
+    The demo keeps its own store (--store, default store/demo) so it never replaces a policy
+    trained with the default config."""
     import os
 
     from agents.ppo_config import load_train_config
     from cluster.train import train as run_training
 
-    os.environ.setdefault("PIPEMEDIC_STORE_URI", "store/demo")
-    store = Path(os.environ["PIPEMEDIC_STORE_URI"])
+    os.environ["PIPEMEDIC_STORE_URI"] = str(store)  # before Ray starts: workers read it too
     try:
         for kind in ("hierarchical", "flat"):
             cfg = load_train_config(config, kind=kind)

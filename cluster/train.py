@@ -180,11 +180,16 @@ def validation_score(bundle: Path, cfg: TrainConfig) -> float:
 
 # ---------------------------------------------------------------------- checkpoints
 def _latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "train_state.json").exists() else None
+    """The checkpoint ``latest`` names, or, if a kill interrupted its save, the newest complete
+    one (``train_state.json`` is written last, so a folder without it is incomplete)."""
+    root = out / "checkpoints"
+    pointer = root / "latest"
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / "train_state.json").exists():
+            return path
+    complete = [p for p in sorted(root.glob("iter_*")) if (p / "train_state.json").exists()]
+    return complete[-1] if complete else None
 
 
 def _save_checkpoint(algo, out: Path, state: dict[str, Any]) -> Path:
@@ -216,15 +221,12 @@ def _iteration_record(result: dict, cfg: TrainConfig, before: dict, dt: float) -
     )
     env_steps = int(runners["num_env_steps_sampled_lifetime"])
     returns = runners.get("module_episode_returns_mean", {}) or {}
-    timers = result.get("timers", {})
     return {
         "iteration": before["iteration"] + 1,
         "pipeline_steps": pipeline_steps,
         "env_steps": env_steps,
         "pipeline_steps_per_s": round((pipeline_steps - before["pipeline_steps"]) / dt, 1),
         "env_steps_per_s": round((env_steps - before["env_steps"]) / dt, 1),
-        "sample_s": round(float(timers.get("env_runner_sampling_timer", 0.0)), 3),
-        "learn_s": round(float(timers.get("learner_update_timer", 0.0)), 3),
         # Per pipeline: RLlib sums the returns of all agents of a module in an episode.
         "return_per_pipeline": {
             k: round(float(v) / cfg.env.pipelines, 3) for k, v in returns.items() if np.isfinite(v)
@@ -272,6 +274,9 @@ def train(
     if resume is not None:
         algo.restore_from_path(str(resume.resolve()))
         state = json.loads((resume / "train_state.json").read_text())
+        # Iterations logged after that checkpoint will be run again: drop their lines.
+        kept = [r for r in read_metrics(metrics_file) if r["iteration"] <= state["iteration"]]
+        metrics_file.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
         console.print(
             f"resumed from {resume} (iteration {state['iteration']}, "
             f"{state['pipeline_steps']:,} pipeline steps)"

@@ -137,9 +137,11 @@ def test_empty_training_mix_is_a_clear_error():
 
 def test_random_training_scenarios_are_valid_and_vary():
     env = PipelineMedicEnv(EnvConfig(random={"share": 1.0, "duration_steps": 30}, pipelines=1))
-    names = set()
-    for seed in range(5):
+    patterns, fault_counts = set(), set()
+    for seed in range(10):
         env.reset(seed=seed)
         assert isinstance(env.scenario, Scenario)
-        names.add(env.scenario.load.pattern)
-    assert env.scenario.duration_steps == 30 and names <= {"flat", "diurnal"}
+        patterns.add(env.scenario.load.pattern)
+        fault_counts.add(int(env.sim.f_valid.sum()))
+    assert env.scenario.duration_steps == 30
+    assert patterns == {"flat", "diurnal"} and len(fault_counts) > 1

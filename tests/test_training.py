@@ -125,25 +125,31 @@ def test_inference_wrapper_agrees_with_the_rllib_modules_greedy_action(ray_sessi
     env = PipelineMedicEnv(cfg.env_config())
     obs, _ = env.reset(seed=4)
     policy.encoder = env.encoder  # decide on exactly the env's observations
-    compared = 0
-    for _ in range(40):
-        decision = policy.decide(env.encoder)
+    rng = np.random.default_rng(0)
+    compared = {}
+    for _ in range(60):
         for aid, o in obs.items():
             role, i = aid.split("/")
-            batch = {
-                Columns.OBS: {k: torch.from_numpy(v[None]) for k, v in o.items()},
-            }
+            batch = {Columns.OBS: {k: torch.from_numpy(v[None]) for k, v in o.items()}}
             with torch.no_grad():
                 logits = modules[role].forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
-            greedy = int(logits.argmax())
-            if role == "master":
-                assert decision.master_probs[int(i)].argmax() == greedy
-            compared += 1
-        actions = {aid: int(np.flatnonzero(o["action_mask"])[0]) for aid, o in obs.items()}
+            ours = policy._probs(role, env.encoder, np.array([int(i)]))[0]
+            assert int(ours.argmax()) == int(logits.argmax()), aid
+            compared[role] = compared.get(role, 0) + 1
+        if any(a.startswith("master/") for a in obs):
+            decision = policy.decide(env.encoder)  # the one-call path agrees with the master
+            for aid in obs:
+                i = int(aid.split("/")[1])
+                assert (
+                    decision.master_probs[i].argmax()
+                    == policy._probs("master", env.encoder, np.array([i]))[0].argmax()
+                )
+        # Random allowed actions, so every specialist gets turns.
+        actions = {aid: int(rng.choice(np.flatnonzero(o["action_mask"]))) for aid, o in obs.items()}
         obs, _, _, truncated, _ = env.step(actions)
         if truncated["__all__"]:
             break
-    assert compared >= 40
+    assert set(compared) == {"master", "drift", "infra", "quality"} and compared["master"] >= 40
 
 
 def test_inference_decides_master_then_specialist_in_one_call(tmp_path):

@@ -10,18 +10,27 @@ from agents.warm_start import WarmStartConfig, _domain_labels, collect, fit
 from envs.catalogue import ACTION_ID, STAGES, best_cure
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv
 from envs.observation import LAYOUTS
+from envs.scenario import Scenario
 from tests.conftest import single_fault_scenario
 
 
 def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
-    scenario = single_fault_scenario("memory_leak", at=1)  # infra, at its first allowed stage
+    # A later stage than ingest: slot 0 is also the labels' default, so it would prove nothing.
+    scenario = Scenario.model_validate(
+        {
+            "name": "leak-at-transform",
+            "duration_steps": 20,
+            "faults": [{"type": "memory_leak", "stage": "transform", "at": 1, "severity": 0.8}],
+        }
+    )
     env = PipelineMedicEnv(EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=2))
     env.reset(seed=0)
     env.step({"master/0": 3, "master/1": 3})  # observe: the fault is now active
     labels = _domain_labels(env)
     stage = STAGES.index(scenario.faults[0].stage)
     action, slot = labels["infra"]
-    assert (action == ACTION_ID[best_cure("memory_leak").action]).all() and (slot == stage).all()
+    assert (action == ACTION_ID[best_cure("memory_leak").action]).all()
+    assert (slot == stage).all() and stage == 2
     for quiet in ("drift", "quality"):
         assert (labels[quiet][0] == ACTION_ID["observe"]).all()
 
