@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from envs.errors import CheckpointError
 from envs.observation import (
     LAYOUTS,
     N_SLOTS,
+    OBS_BOUND,
     UNTARGETED_ACTIONS,
     ActionLayout,
     ObservationEncoder,
@@ -68,7 +70,7 @@ def export_bundle(
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     agents = {}
     for agent, net in nets.items():
@@ -82,19 +84,13 @@ def export_bundle(
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():
-            _rmtree(old)
+            shutil.rmtree(old)
         out.rename(old)
         tmp.rename(out)
-        _rmtree(old)
+        shutil.rmtree(old)
     else:
         tmp.rename(out)
     return out
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, PolicyValueNet]]:
@@ -178,7 +174,7 @@ class LearnedPolicy:
     # ------------------------------------------------------------------ the decision
     @torch.no_grad()
     def _probs(self, agent: str, enc: ObservationEncoder, rows: np.ndarray) -> np.ndarray:
-        obs = torch.from_numpy(enc.observe(_VIEW[agent])[rows]).clamp_(-10.0, 10.0)
+        obs = torch.from_numpy(enc.observe(_VIEW[agent])[rows]).clamp_(-OBS_BOUND, OBS_BOUND)
         mask = torch.from_numpy(enc.action_mask(agent)[rows])
         return torch.softmax(self.nets[agent].logits(obs, mask), dim=-1).numpy()
 

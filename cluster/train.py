@@ -50,6 +50,7 @@ from agents.inference import (
     default_bundle_dir,
     export_bundle,
     load_bundle,
+    store_root,
 )
 from agents.networks import PolicyValueNet
 from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
@@ -86,9 +87,9 @@ def evaluate_bundle(bundle: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Held-out metrics of a bundle (greedy), in this process: overall and per scenario."""
     params = load_sim_params(cfg.env.sim_config)
     per_scenario, everything = {}, []
+    policy = LearnedPolicy.load(bundle)  # rollout() resets it for every scenario
     for path in cfg.held_out:
         scenario = load_scenario(path)
-        policy = LearnedPolicy.load(bundle)
         seeds = episode_seeds(scenario, cfg.seed + 1000, cfg.eval_episodes)
         episodes = rollout(policy, scenario, seeds, params=params)
         everything += episodes
@@ -164,9 +165,10 @@ def validation_score(bundle: Path, cfg: TrainConfig) -> float:
     params = load_sim_params(cfg.env.sim_config)
     w = cfg.env.rewards
     total, episodes = 0.0, 0
+    policy = LearnedPolicy.load(bundle)
     for scenario in validation_scenarios(cfg):
         seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
-        for m in rollout(LearnedPolicy.load(bundle), scenario, seeds, params=params):
+        for m in rollout(policy, scenario, seeds, params=params):
             per_step = scenario.load.base_rps * STEP_SECONDS
             total += (
                 w.slo * (m.steps - m.slo_ok_steps)
@@ -473,7 +475,7 @@ def main(
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files
     try:
         cfg = load_train_config(config, kind=kind)
-        run_dir = out or default_bundle_dir(cfg.kind).parent.parent / "runs" / cfg.kind
+        run_dir = out or store_root() / "runs" / cfg.kind
         summary = train(
             cfg, run_dir, fresh=fresh, promote=promote, console=console, max_iterations=iterations
         )

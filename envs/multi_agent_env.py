@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
-from envs.observation import LAYOUTS, ObservationEncoder, observation_size
+from envs.observation import LAYOUTS, OBS_BOUND, ObservationEncoder, observation_size
 from envs.params import STEP_SECONDS, SimParams
 from envs.scenario import Load, RandomFaults, Scenario
 from envs.simulator import PipelineSim
@@ -48,8 +48,6 @@ from envs.simulator import PipelineSim
 MASTER = "master"
 FLAT = "flat"
 HIERARCHICAL_AGENTS: tuple[str, ...] = (MASTER, *DOMAINS)
-#: Observation values are clipped to this range (they are squashed to about [-2, 10] anyway).
-OBS_BOUND = 10.0
 
 
 class RewardWeights(BaseModel):

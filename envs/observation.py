@@ -89,6 +89,8 @@ DOMAIN_STAGE_METRICS: dict[str, tuple[str, ...]] = {
 }
 # Pipeline-wide features (after squashing): the 7 raw metrics plus 3 SLO ratios.
 _N_PIPELINE_FEATURES = 10
+#: Observation values are clipped to this range (they are squashed to about [-2, 10] anyway).
+OBS_BOUND = 10.0
 # How fast the picture of "usual" follows the telemetry (per step; ~50 steps of memory).
 BASELINE_RATE = 0.02
 
