@@ -6,6 +6,10 @@ A *policy bundle* is a folder written by training (``export_bundle``)::
     master.safetensors     one weights file per agent (safetensors: loading runs no code)
     drift.safetensors ...
 
+The same manifest and weights are what the Delta checkpoints table stores per version
+(``checkpoints.policies``); ``LearnedPolicy.from_store(kind)`` loads the promoted one, which is
+what ``--policy hierarchical`` / ``--policy flat`` mean.
+
 ``LearnedPolicy`` is the one code path that turns telemetry into a decision for a learned
 policy: the evaluation harness uses it for ``hierarchical`` and ``flat``, and serving will too.
 Decisions are greedy (the most probable allowed action) unless ``sample=True``.
@@ -14,7 +18,6 @@ Decisions are greedy (the most probable allowed action) unless ``sample=True``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from agents.networks import PolicyValueNet
 from agents.policy import EpisodeContext, register_policy
@@ -53,14 +56,20 @@ def agent_sizes(agent: str) -> tuple[int, int]:
     return observation_size(_VIEW[agent]), LAYOUTS[agent].size
 
 
-def store_root() -> Path:
-    """Where tables and policies live: ``PIPEMEDIC_STORE_URI`` or ``./store``."""
-    return Path(os.environ.get("PIPEMEDIC_STORE_URI", "store"))
+def weights_of(nets: dict[str, PolicyValueNet]) -> dict[str, bytes]:
+    """Each agent's weights as safetensors bytes (what bundles and the checkpoints table hold)."""
+    return {
+        agent: save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+        for agent, net in nets.items()
+    }
 
 
-def default_bundle_dir(kind: str) -> Path:
-    """The bundle ``--policy KIND`` means: ``STORE/policies/KIND`` (the promoted one)."""
-    return store_root() / "policies" / kind
+def manifest_for(kind: str, nets: dict[str, PolicyValueNet], info: dict[str, Any]) -> dict:
+    agents = {
+        a: {"obs_size": n.obs_size, "n_actions": n.n_actions, "hidden": n.hidden}
+        for a, n in nets.items()
+    }
+    return {"format": BUNDLE_FORMAT, "kind": kind, "agents": agents, **info}
 
 
 def export_bundle(
@@ -72,15 +81,9 @@ def export_bundle(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    agents = {}
-    for agent, net in nets.items():
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-            str(tmp / f"{agent}.safetensors"),
-        )
-        agents[agent] = {"obs_size": net.obs_size, "n_actions": net.n_actions, "hidden": net.hidden}
-    manifest = {"format": BUNDLE_FORMAT, "kind": kind, "agents": agents, **info}
-    (tmp / "policy.json").write_text(json.dumps(manifest, indent=2))
+    for agent, data in weights_of(nets).items():
+        (tmp / f"{agent}.safetensors").write_bytes(data)
+    (tmp / "policy.json").write_text(json.dumps(manifest_for(kind, nets, info), indent=2))
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():
@@ -94,7 +97,7 @@ def export_bundle(
 
 
 def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, PolicyValueNet]]:
-    """Manifest and networks of a bundle; a clear CheckpointError when anything is off."""
+    """Manifest and networks of a bundle folder; a clear CheckpointError when anything is off."""
     path = Path(path)
     manifest_file = path / "policy.json"
     if not manifest_file.exists():
@@ -103,29 +106,41 @@ def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, PolicyValueNet]]:
             "`python -m cluster.train --config configs/train.yaml`"
         )
     manifest = json.loads(manifest_file.read_text())
+    files = {
+        a: path / f"{a}.safetensors"
+        for a in AGENTS_OF_KIND.get(manifest.get("kind"), ())
+        if (path / f"{a}.safetensors").exists()
+    }
+    weights = {a: f.read_bytes() for a, f in files.items()}
+    return manifest, nets_from_weights(manifest, weights, where=str(path))
+
+
+def nets_from_weights(
+    manifest: dict[str, Any], weights: dict[str, bytes], *, where: str
+) -> dict[str, PolicyValueNet]:
+    """Networks from a manifest and each agent's safetensors bytes, checked against this code's
+    observation and action sizes."""
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(
-            f"{manifest_file}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT}"
-        )
+        raise CheckpointError(f"{where}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT}")
     kind = manifest.get("kind")
     if kind not in AGENTS_OF_KIND:
-        raise CheckpointError(f"{manifest_file}: unknown kind {kind!r}")
+        raise CheckpointError(f"{where}: unknown kind {kind!r}")
     nets = {}
     for agent in AGENTS_OF_KIND[kind]:
-        spec = manifest["agents"].get(agent)
-        if spec is None:
-            raise CheckpointError(f"{manifest_file}: agent {agent!r} missing")
+        spec = manifest.get("agents", {}).get(agent)
+        if spec is None or agent not in weights:
+            raise CheckpointError(f"{where}: agent {agent!r} missing")
         expected = agent_sizes(agent)
         if (spec["obs_size"], spec["n_actions"]) != expected:
             raise CheckpointError(
-                f"{path}: agent {agent!r} was trained for observation/action sizes "
+                f"{where}: agent {agent!r} was trained for observation/action sizes "
                 f"{(spec['obs_size'], spec['n_actions'])}, this code uses {expected}"
             )
         net = PolicyValueNet(spec["obs_size"], spec["n_actions"], spec["hidden"])
-        net.load_state_dict(load_file(str(path / f"{agent}.safetensors")))
+        net.load_state_dict(load(weights[agent]))
         net.eval()
         nets[agent] = net
-    return manifest, nets
+    return nets
 
 
 @dataclass
@@ -157,8 +172,27 @@ class LearnedPolicy:
 
     @classmethod
     def load(cls, path: Path | str, **kw: Any) -> LearnedPolicy:
+        """From a bundle folder (a training run's ``policy/``)."""
         manifest, nets = load_bundle(Path(path))
         return cls(manifest, nets, **kw)
+
+    @classmethod
+    def from_store(cls, kind: str, *, root: str | None = None, **kw: Any) -> LearnedPolicy:
+        """The promoted version of ``kind`` in the checkpoints table (``checkpoints.policies``);
+        if its hash check fails, the version promoted before it."""
+        from checkpoints.policies import CheckpointStore
+
+        stored = CheckpointStore(root).load_promoted(kind)
+        manifest = {**stored.manifest, "policy_version": stored.name}
+        nets = nets_from_weights(manifest, stored.weights, where=stored.name)
+        policy = cls(manifest, nets, **kw)
+        policy.stored = stored
+        return policy
+
+    @property
+    def version(self) -> str:
+        """``KIND:vN`` for a stored version; ``KIND:bundle`` for a folder."""
+        return self.manifest.get("policy_version", f"{self.name}:bundle")
 
     def reset(self, ctx: EpisodeContext) -> None:
         self.encoder = ObservationEncoder(ctx.topology, ctx.params, n=ctx.n)
@@ -241,7 +275,7 @@ def _label(layout: ActionLayout, index: int) -> str:
 
 def _factory(kind: str):
     def make() -> LearnedPolicy:
-        return LearnedPolicy.load(default_bundle_dir(kind))
+        return LearnedPolicy.from_store(kind)
 
     return make
 

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agents.experience_logging import ExperienceLoggingConfig
 from agents.inference import AGENTS_OF_KIND
 from agents.warm_start import WarmStartConfig
 from envs.errors import ConfigError
@@ -66,6 +67,7 @@ class TrainConfig(_Strict):
     evaluate_every: int = Field(10, ge=1)
     eval_episodes: int = Field(3, ge=1)
     warm_start: WarmStartConfig = WarmStartConfig()
+    experience: ExperienceLoggingConfig = ExperienceLoggingConfig()
 
     @model_validator(mode="after")
     def _held_out_never_trained(self) -> TrainConfig:
@@ -109,17 +111,26 @@ def load_train_config(path: str | Path, **overrides) -> TrainConfig:
         raise ConfigError(f"{path}: " + "; ".join(lines)) from None
 
 
-def build_ppo_config(cfg: TrainConfig):
-    """RLlib's PPOConfig for this training config (new API stack, PyTorch)."""
+def build_ppo_config(cfg: TrainConfig, *, run_id: str | None = None):
+    """RLlib's PPOConfig for this training config (new API stack, PyTorch). With ``run_id``
+    and ``cfg.experience.enabled`` the env runners write samples of their experience to the
+    experience table (``agents.experience_logging``)."""
+    import functools
+
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+    from agents.experience_logging import log_sampled_experience
     from agents.rl_module import MaskedPPOModule
     from envs.multi_agent_env import PipelineMedicEnv
 
     agents = AGENTS_OF_KIND[cfg.kind]
     p = cfg.ppo
+    callbacks = {}
+    if run_id is not None and cfg.experience.enabled:
+        settings = {"run_id": run_id, "every_n_samples": cfg.experience.every_n_samples}
+        callbacks["on_sample_end"] = functools.partial(log_sampled_experience, settings)
     module_specs = {
         a: RLModuleSpec(module_class=MaskedPPOModule, model_config={"hidden": list(p.hidden)})
         for a in agents
@@ -152,6 +163,7 @@ def build_ppo_config(cfg: TrainConfig):
             policy_mapping_fn=_map_agent_to_module,
         )
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
+        .callbacks(**callbacks)
         .debugging(seed=cfg.seed)
     )
 

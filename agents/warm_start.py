@@ -17,6 +17,12 @@ of the same episodes (the environment's own rewards), so PPO's first advantages 
 
 The simulated steps spent here count against the training budget (``cluster.train`` adds them
 to ``pipeline_steps``), so a warm-started run and a cold one get the same number of steps.
+
+``source: experience`` instead clones behaviour from transitions already in the experience
+table (``checkpoints.experience``): by default the ``oracle``'s episodes, which
+``record_episodes`` (``pipemedic experience record``) writes, and later production outcomes. It
+simulates nothing, so it is as fast as reading and fitting; the episodes were paid for once,
+when they were recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agents.baselines import OraclePolicy
 from agents.networks import PolicyValueNet
-from agents.policy import EpisodeContext
+from agents.policy import EpisodeContext, make_policy
 from envs.catalogue import (
     ACTION_DOMAIN,
     ACTION_ID,
@@ -41,6 +48,7 @@ from envs.catalogue import (
     SIM_ACTIONS,
     best_cure,
 )
+from envs.errors import ConfigError
 from envs.multi_agent_env import (
     MASTER,
     OBS_BOUND,
@@ -62,6 +70,15 @@ class WarmStartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    source: Literal["dagger", "experience"] = Field(
+        "dagger", description="imitate the oracle live (DAgger) or clone stored experience"
+    )
+    experience_policies: tuple[str, ...] = Field(
+        ("oracle",), description="source: experience — policy_version values to clone"
+    )
+    experience_rows: int = Field(
+        2_000_000, ge=1, description="source: experience — at most this many transitions"
+    )
     from_bundle: str | None = Field(
         None, description="start from this policy bundle's weights instead of imitating"
     )
@@ -293,6 +310,21 @@ def warm_start(
     on_round: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> int:
     """Pre-train ``nets`` in place; returns the simulated pipeline steps used."""
+    if cfg.source == "experience":
+        data = samples_from_experience(
+            policies=cfg.experience_policies, max_rows=cfg.experience_rows, seed=seed
+        )
+        missing = set(nets) - set(data)
+        if missing:
+            raise ConfigError(
+                f"warm_start.source is experience, but the experience table has no transitions "
+                f"of {sorted(missing)} from {list(cfg.experience_policies)}; record some with "
+                f"`pipemedic experience record --policy oracle --kind {env_cfg.mode}`"
+            )
+        accuracy = fit(nets, data, cfg, gamma, seed)
+        if on_round:
+            on_round(1, 0, accuracy)
+        return 0
     total = 0
     per_round = max(1, cfg.pipeline_steps // cfg.rounds)
     merged: dict[str, _Samples] = defaultdict(_Samples)
@@ -318,3 +350,147 @@ def warm_start(
         if on_round:
             on_round(r + 1, total, accuracy)
     return total
+
+
+# ---------------------------------------------------------------------- experience
+def _teacher_labels(env: PipelineMedicEnv, action: np.ndarray, slot: np.ndarray, role: str):
+    """The teacher's (sim action, slot) per pipeline as indices in ``role``'s layout; a choice
+    the role's mask forbids (or cannot express) becomes ``observe``."""
+    layout = LAYOUTS[role]
+    mask = env.encoder.action_mask(role)
+    labels = np.empty(env.k, dtype=np.int64)
+    for i in range(env.k):
+        name = SIM_ACTIONS[action[i]]
+        if role == MASTER:
+            label = layout.encode(_master_label(action[i]))
+        elif name in layout.actions:
+            label = layout.encode(name, slot[i] if name != "observe" else 0)
+        else:  # a master action (escalate) asked of a specialist: it cannot say that
+            label = layout.encode("observe")
+        labels[i] = label if mask[i, label] > 0 else layout.encode("observe")
+    return labels
+
+
+def record_episodes(
+    env_cfg: EnvConfig,
+    teacher: str,
+    writer,
+    *,
+    steps: int,
+    seed: int,
+    pipelines: int = 64,
+) -> int:
+    """Let the baseline ``teacher`` (``oracle``, ``runbook``, ...) drive the training
+    environment and append every agent's transitions to ``writer`` (an ``ExperienceWriter``).
+
+    The teacher's (action, stage) maps onto the agents as in DAgger: the master delegates to the
+    action's domain, that specialist picks (action, stage). A transition closes when its agent
+    next gets an observation (the master every step, a specialist the next time it is asked, or
+    at the end of the episode); the agent's rewards in between are its reward. Returns the
+    simulated pipeline steps used.
+    """
+    from checkpoints.experience import Transitions
+
+    env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
+    policy = make_policy(teacher)
+    rng = np.random.default_rng(seed)
+    used, episode = 0, 0
+    while used < steps:
+        episode_seed = int(rng.integers(2**31))
+        obs, _ = env.reset(seed=episode_seed)
+        policy.reset(EpisodeContext(env.k, env.scenario.topology, env.params))
+        episode += 1
+        name = f"{teacher}-{seed}-{episode}"
+        open_: dict[str, dict] = {}  # agent id → its transition waiting for the next observation
+        rows: dict[str, list] = defaultdict(list)
+        choice = None
+        done = False
+        while True:
+            for aid, o in obs.items():  # an observation closes that agent's open transition
+                if aid in open_:
+                    t = open_.pop(aid)
+                    t["next_observation"] = o["observations"]
+                    t["truncated"] = done
+                    for k, v in t.items():
+                        rows[k].append(v)
+            if done:
+                break
+            if split_agent_id(next(iter(obs)))[0] == env.top:
+                used += env.k
+                action, stage = policy.act(env.telemetry, env.sim.ground_truth())
+                choice = (action, env.encoder.slots[stage])
+            labels = {}
+            actions = {}
+            for aid, o in obs.items():
+                role, i = split_agent_id(aid)
+                if role not in labels:
+                    labels[role] = _teacher_labels(env, choice[0], choice[1], role)
+                actions[aid] = int(labels[role][i])
+                open_[aid] = {
+                    "episode": f"{name}/{i}",
+                    "step": int(env.sim.t),
+                    "agent": role,
+                    "observation": o["observations"],
+                    "action_mask": o["action_mask"] > 0,
+                    "action": actions[aid],
+                    "reward": 0.0,
+                }
+            obs, rewards, _, truncated, _ = env.step(actions)
+            for aid, r in rewards.items():
+                open_[aid]["reward"] += r
+            done = truncated["__all__"]
+        writer.add(
+            Transitions(
+                episode=rows["episode"],
+                step=np.array(rows["step"]),
+                agent=rows["agent"],
+                observation=rows["observation"],
+                next_observation=rows["next_observation"],
+                action_mask=rows["action_mask"],
+                action=np.array(rows["action"]),
+                action_prob=np.ones(len(rows["action"]), dtype=np.float32),
+                reward=np.array(rows["reward"]),
+                truncated=np.array(rows["truncated"]),
+                policy_version=teacher,
+                scenario=env.scenario.name,
+            )
+        )
+    writer.flush()
+    return used
+
+
+def samples_from_experience(
+    *, policies: tuple[str, ...], max_rows: int, seed: int, uri: str | None = None
+) -> dict[str, _Samples]:
+    """Imitation samples per role from the experience table's ``sim`` transitions of
+    ``policies`` (the recorded action is the label)."""
+    from checkpoints.experience import ReplaySampler
+
+    sampler = ReplaySampler(uri)
+    filters = {"sources": ["sim"], "policy_versions": list(policies)}
+    # Returns need whole episodes: pick episodes at random until ``max_rows`` transitions.
+    keys = sampler.read(columns=["episode"], **filters).column("episode")
+    episodes, counts = np.unique(keys.to_numpy(zero_copy_only=False), return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(episodes))
+    keep = order[: max(1, int(np.searchsorted(np.cumsum(counts[order]), max_rows, "right")))]
+    table = sampler.read(
+        columns=["episode", "agent", "step", "observation", "action_mask", "action", "reward"],
+        episodes=list(episodes[keep]) if len(keep) < len(episodes) else None,
+        **filters,
+    )
+    table = table.sort_by([("agent", "ascending"), ("episode", "ascending"), ("step", "ascending")])
+    out: dict[str, _Samples] = {}
+    agents = table.column("agent").to_numpy(zero_copy_only=False)
+    for role in np.unique(agents):
+        part = table.filter(agents == role)
+        s = _Samples()
+        obs = np.stack(part.column("observation").to_numpy(zero_copy_only=False))
+        s.obs = list(np.clip(obs.astype(np.float32), -OBS_BOUND, OBS_BOUND))
+        s.mask = list(
+            np.stack(part.column("action_mask").to_numpy(zero_copy_only=False)).astype(np.float32)
+        )
+        s.label = part.column("action").to_pylist()
+        s.reward = part.column("reward").to_pylist()
+        s.episode_of = [(e, role) for e in part.column("episode").to_pylist()]
+        out[str(role)] = s
+    return out

@@ -3,7 +3,9 @@
     pipemedic train --config configs/train.yaml          (same as python -m cluster.train)
     pipemedic evaluate --policy hierarchical,flat,runbook,oncall,oracle --held-out --out reports/eval
     pipemedic scenarios check configs/scenarios
-    pipemedic bench sim
+    pipemedic bench sim | train | store
+    pipemedic checkpoints list | show | promote | rollback | promoted
+    pipemedic experience record | stats | compact | vacuum
     pipemedic demo
 
 A user mistake (bad scenario, unknown policy, ...) prints one line naming the problem and exits
@@ -23,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cluster.store_cli import checkpoints_app, experience_app
 from envs.errors import PipemedicError
 
 app = typer.Typer(
@@ -34,6 +37,8 @@ scenarios_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
 app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(bench_app, name="bench")
+app.add_typer(checkpoints_app, name="checkpoints")
+app.add_typer(experience_app, name="experience")
 # Piped output (CI logs, `| tee`) is not clipped to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -71,7 +76,8 @@ def evaluate(
 ) -> None:
     """Evaluate policies on scenarios (Ray tasks in parallel) and write a report.
 
-    ``hierarchical`` and ``flat`` are the promoted bundles in STORE/policies (train first)."""
+    ``hierarchical`` and ``flat`` are the promoted versions in the checkpoints table (train
+    first)."""
     try:
         run_evaluation(
             policies=[p.strip() for p in policy.split(",") if p.strip()],
@@ -242,14 +248,14 @@ def train(
     fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in --out, start over.")] = False,
 ) -> None:
     """Train with RLlib PPO (resumes from the latest checkpoint); same as python -m cluster.train."""
-    from agents.inference import store_root
     from agents.ppo_config import load_train_config
+    from checkpoints.storage import local_store_dir
     from cluster.train import train as run_training
 
     try:
         cfg = load_train_config(config, kind=kind)
         summary = run_training(
-            cfg, out or store_root() / "runs" / cfg.kind, fresh=fresh, console=err_console
+            cfg, out or local_store_dir() / "runs" / cfg.kind, fresh=fresh, console=err_console
         )
     except PipemedicError as exc:
         _fail(exc)

@@ -23,9 +23,14 @@ What it writes under ``--out`` (default ``store/runs/KIND``):
     candidate/         the policy of the latest review
     learning_curves.png
 
+and in the Delta store (``checkpoints/``, under ``PIPEMEDIC_STORE_URI``): every reviewed policy
+as a new version in the checkpoints table, with its validation score and held-out metrics; at
+the end the selected version is *promoted* (what ``--policy KIND`` and serving load; skip with
+``--no-promote``). With ``experience.enabled`` the env runners also append samples of their
+transitions to the experience table.
+
 Killing the job and starting it again with the same ``--out`` resumes from the latest
-checkpoint (``--fresh`` starts over). At the end the bundle is also copied to
-``STORE/policies/KIND``, which is what ``--policy KIND`` means to ``pipemedic evaluate``.
+checkpoint (``--fresh`` starts over); the run keeps its run id, so no version is published twice.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import logging
 import shutil
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,14 +54,15 @@ from agents.inference import (
     AGENTS_OF_KIND,
     LearnedPolicy,
     agent_sizes,
-    default_bundle_dir,
     export_bundle,
     load_bundle,
-    store_root,
+    manifest_for,
+    weights_of,
 )
 from agents.networks import PolicyValueNet
 from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
+from checkpoints.storage import local_store_dir
 from envs.errors import CheckpointError, PipemedicError
 from envs.metrics import aggregate
 from envs.multi_agent_env import ScenarioMix
@@ -248,6 +256,7 @@ def train(
     max_iterations: int | None = None,
 ) -> dict[str, Any]:
     """Train until the budget in ``cfg.stop`` (or ``max_iterations``); return a summary."""
+    from checkpoints.policies import CheckpointStore
     from cluster.ray_runtime import ensure_ray
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -263,19 +272,27 @@ def train(
 
     metrics_file = out / "metrics.jsonl"
     bundle_dir = out / "policy"
+    resume = _latest_checkpoint(out)
+    # A resumed run keeps its id (from the checkpoint), so its versions are not published twice.
+    run_id = (
+        json.loads((resume / "train_state.json").read_text()).get("run_id")
+        if resume is not None
+        else None
+    ) or f"{cfg.kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    store = CheckpointStore()
     ensure_ray()
-    algo = build_ppo_config(cfg).build_algo()
+    algo = build_ppo_config(cfg, run_id=run_id).build_algo()
     state = {
+        "run_id": run_id,
         "iteration": 0,
         "pipeline_steps": 0,
         "env_steps": 0,
         "warm_start_steps": 0,
         "train_seconds": 0.0,
     }
-    resume = _latest_checkpoint(out)
     if resume is not None:
         algo.restore_from_path(str(resume.resolve()))
-        state = json.loads((resume / "train_state.json").read_text())
+        state = {"run_id": run_id, **json.loads((resume / "train_state.json").read_text())}
         # Iterations logged after that checkpoint will be run again: drop their lines.
         kept = [r for r in read_metrics(metrics_file) if r["iteration"] <= state["iteration"]]
         metrics_file.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
@@ -290,7 +307,7 @@ def train(
             pipeline_steps=used, warm_start_steps=used, train_seconds=time.monotonic() - t0
         )
         record = {"iteration": 0, "pipeline_steps": used, "warm_start": True, "time": time.time()}
-        _review(algo, cfg, out, state, record, console, prefix="after warm start:")
+        _review(algo, cfg, out, state, record, console, store, prefix="after warm start:")
         with metrics_file.open("a") as f:
             f.write(json.dumps(record, default=_plain) + "\n")
 
@@ -329,7 +346,7 @@ def train(
                 "train_seconds": state["train_seconds"] + dt,
             }
             if state["iteration"] % cfg.evaluate_every == 0:
-                _review(algo, cfg, out, state, record, console)
+                _review(algo, cfg, out, state, record, console, store)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=_plain) + "\n")
             top_return = record["return_per_pipeline"].get(AGENTS_OF_KIND[cfg.kind][0])
@@ -355,45 +372,63 @@ def train(
             "final": True,
             "time": time.time(),
         }
-        _review(algo, cfg, out, state, record, console, prefix="final:")
+        _review(algo, cfg, out, state, record, console, store, prefix="final:")
         with metrics_file.open("a") as f:
             f.write(json.dumps(record, default=_plain) + "\n")
     _save_checkpoint(algo, out, state)
     algo.stop()
     summary = {**state, "bundle": str(bundle_dir)}
     if promote:
-        target = default_bundle_dir(cfg.kind)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        manifest, nets = load_bundle(bundle_dir)
-        export_bundle(
-            target,
+        version = state["best_version"]
+        store.promote(
             cfg.kind,
-            nets,
-            {k: v for k, v in manifest.items() if k not in ("format", "kind", "agents")},
+            version,
+            reason=f"run {run_id}: best validation score at iteration {state['best_iteration']}",
         )
-        summary["promoted"] = str(target)
+        summary["promoted"] = f"{cfg.kind}:v{version}"
+        console.print(f"promoted {cfg.kind}:v{version} in {store.checkpoints_uri}")
     plot_learning_curves(metrics_file, out / "learning_curves.png")
     return summary
 
 
 def _review(
-    algo, cfg: TrainConfig, out: Path, state: dict, record: dict, console: Console, prefix: str = ""
+    algo,
+    cfg: TrainConfig,
+    out: Path,
+    state: dict,
+    record: dict,
+    console: Console,
+    store,
+    prefix: str = "",
 ) -> None:
-    """Score the current policy on the validation set; keep it as ``out/policy`` when it is the
-    best so far (early stopping on validation, never on held-out). Held-out metrics are logged
+    """Score the current policy on the validation set and publish it as a new version in the
+    checkpoints table; keep it as ``out/policy`` when it is the best so far (early stopping on
+    validation, never on held-out). Held-out metrics are logged (and stored with the version)
     for watching only. Updates ``state`` and ``record`` in place."""
     candidate = out / "candidate"
+    nets = current_nets(algo, cfg)
     info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
-    export_bundle(candidate, cfg.kind, current_nets(algo, cfg), info)
+    export_bundle(candidate, cfg.kind, nets, info)
     score = validation_score(candidate, cfg)
     record["validation_score"] = round(score, 3)
     state["reviewed_iteration"] = state["iteration"]
-    if score < state.get("best_score", float("inf")):
-        state.update(best_score=score, best_iteration=state["iteration"])
-        selected = {**info, "best_score": score, "selected_iteration": state["iteration"]}
-        export_bundle(out / "policy", cfg.kind, load_bundle(candidate)[1], selected)
     if cfg.held_out:
         record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
+    version = store.publish(
+        cfg.kind,
+        weights_of(nets),
+        run_id=state["run_id"],
+        iteration=state["iteration"],
+        pipeline_steps=state["pipeline_steps"],
+        manifest=manifest_for(cfg.kind, nets, {"run_id": state["run_id"]}),
+        eval_metrics={"validation_score": score, "held_out": record.get("eval", {})},
+        config=cfg.model_dump(mode="json", by_alias=True),
+    )
+    record["version"] = version
+    if score < state.get("best_score", float("inf")):
+        state.update(best_score=score, best_iteration=state["iteration"], best_version=version)
+        selected = {**info, "best_score": score, "selected_iteration": state["iteration"]}
+        export_bundle(out / "policy", cfg.kind, nets, selected)
     if prefix:
         line = f"{prefix} validation {score:.1f} (best {state['best_score']:.1f} at iteration {state['best_iteration']})"
         if "eval" in record:
@@ -468,14 +503,16 @@ def main(
     out: Annotated[Path | None, typer.Option(help="run folder (default STORE/runs/KIND)")] = None,
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints in --out, start over")] = False,
     iterations: Annotated[int | None, typer.Option(help="stop after this many")] = None,
-    promote: Annotated[bool, typer.Option(help="copy the result to STORE/policies/KIND")] = True,
+    promote: Annotated[
+        bool, typer.Option(help="promote the selected version in the checkpoints table")
+    ] = True,
 ) -> None:
     """Train with RLlib PPO; resumes from the latest checkpoint in --out."""
     logging.basicConfig(level=logging.WARNING)
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files
     try:
         cfg = load_train_config(config, kind=kind)
-        run_dir = out or store_root() / "runs" / cfg.kind
+        run_dir = out or local_store_dir() / "runs" / cfg.kind
         summary = train(
             cfg, run_dir, fresh=fresh, promote=promote, console=console, max_iterations=iterations
         )

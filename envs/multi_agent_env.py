@@ -150,6 +150,7 @@ class PipelineMedicEnv(MultiAgentEnv):
         self.scenario = scenario
         self.sim = PipelineSim(scenario, self.params, n=self.k)
         tel = self.sim.reset([int(x) for x in self._rng.integers(2**31, size=self.k)])
+        self.telemetry = tel  # the latest snapshot, for baselines that drive this env
         self.encoder = ObservationEncoder(scenario.topology, self.params, n=self.k)
         self.encoder.update(tel)
         self._records_per_step = scenario.load.base_rps * STEP_SECONDS
@@ -197,6 +198,7 @@ class PipelineMedicEnv(MultiAgentEnv):
         actions, stages = self._pending, self._pending_stage
         open_before = sim.fault_active().sum(axis=1)
         tel = sim.step(actions, stages)
+        self.telemetry = tel
         self.encoder.record_action(actions, self.encoder.slots[stages])
         self.encoder.update(tel)
         out = sim.history[-1]

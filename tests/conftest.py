@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from envs.catalogue import FAULT_STAGES
 from envs.scenario import Scenario
+
+
+def pytest_configure(config):
+    """Every test writes its Delta tables to a throwaway store, never to ./store. Set before
+    any Ray worker starts, so workers inherit it (cluster.ray_runtime passes PIPEMEDIC_*)."""
+    os.environ["PIPEMEDIC_STORE_URI"] = tempfile.mkdtemp(prefix="pipemedic-test-store-")
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,17 @@ def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, t
     # Reviews (validation score) after the warm start and at the end.
     assert [r["iteration"] for r in rows if "validation_score" in r] == [0, 3]
     assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
+    # Each review published a version to the checkpoints table, and the runner logged samples
+    # of its transitions to the experience table under this run's id.
+    from checkpoints.experience import ReplaySampler
+    from checkpoints.policies import CheckpointStore
+
+    versions = CheckpointStore().list_versions("hierarchical")
+    mine = [v for v in versions if v["run_id"] == summary["run_id"]]
+    assert [v["iteration"] for v in mine] == [0, 3]
+    assert all(set(v["agents"]) == {"master", "drift", "infra", "quality"} for v in mine)
+    logged = ReplaySampler().read(run_ids=[summary["run_id"]], columns=["agent", "reward"])
+    assert logged.num_rows > 0 and "master" in logged.column("agent").to_pylist()
 
 
 def test_inference_wrapper_agrees_with_the_rllib_modules_greedy_action(ray_session, tmp_path):
@@ -351,19 +362,30 @@ def test_ray_job_submit_runs_the_same_entry_point(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_policy_names_load_the_promoted_bundle_from_the_store(tmp_path, monkeypatch):
-    from agents.inference import export_bundle
+def test_policy_names_load_the_promoted_version_from_the_store(tmp_path, monkeypatch):
+    from agents.inference import manifest_for, weights_of
     from agents.networks import PolicyValueNet
     from agents.policy import make_policy
+    from checkpoints.policies import CheckpointStore
     from envs.observation import LAYOUTS, observation_size
 
     monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path))
-    with pytest.raises(CheckpointError, match="no policy bundle"):
+    with pytest.raises(CheckpointError, match="no flat policy has been promoted"):
         make_policy("flat")
     net = PolicyValueNet(observation_size("master"), LAYOUTS["flat"].size, [8])
-    export_bundle(tmp_path / "policies" / "flat", "flat", {"flat": net}, {"iteration": 7})
+    nets = {"flat": net}
+    store = CheckpointStore()
+    version = store.publish(
+        "flat",
+        weights_of(nets),
+        run_id="r",
+        iteration=7,
+        pipeline_steps=100,
+        manifest=manifest_for("flat", nets, {}),
+    )
+    store.promote("flat", version)
     policy = make_policy("flat")
-    assert policy.name == "flat" and policy.manifest["iteration"] == 7
+    assert policy.name == "flat" and policy.version == "flat:v1"
     scenario = load_scenario(ROOT / EASY).model_copy(update={"duration_steps": 20})
     episodes = rollout(policy, scenario, episode_seeds(scenario, 0, 2))
     assert len(episodes) == 2
@@ -377,4 +399,5 @@ def test_evaluate_cli_names_a_missing_policy_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path))
     result = CliRunner().invoke(app, ["evaluate", "--policy", "hierarchical", "--held-out"])
     assert result.exit_code == 2
-    assert "no policy bundle at" in result.output and "Traceback" not in result.output
+    assert "no hierarchical policy has been promoted" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,179 @@
+"""Where the Delta tables live, and appends that survive contention, retries and crashes.
+
+The store is a folder or an object-store prefix: ``PIPEMEDIC_STORE_URI`` (default ``./store``,
+git-ignored). Tables sit under ``STORE/tables/NAME``. For ``s3://``, ``gs://``, ``az://`` and the
+other schemes delta-rs supports, credentials and endpoints come from the environment only
+(``AWS_*``, ``GOOGLE_*``, ``AZURE_*``, plus ``PIPEMEDIC_STORAGE_OPTIONS`` as a JSON object for
+anything else), never from committed files.
+
+Why ``append_batch`` exists: delta-rs retries a conflicting commit a fixed number of times with
+no pause, so several writers appending at once can exhaust the retries and fail; and a writer
+that retries after an error cannot tell whether its commit went in (an object-store timeout
+after the log entry was written looks like a failure). Each batch therefore carries a Delta
+*application transaction* ``(writer id, batch number)`` in the same commit as its rows: before
+writing, and again before every retry, the writer asks the table for the last batch number it
+committed and skips the batch if it is already there. Retries back off exponentially with
+jitter. A writer killed mid-write leaves Parquet files no commit refers to: readers never see
+them, and ``vacuum(full=True)`` deletes them (see ``checkpoints.experience``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import (
+    CommitFailedError,
+    DeltaError,
+    SchemaMismatchError,
+    TableNotFoundError,
+)
+
+from envs.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+STORE_ENV = "PIPEMEDIC_STORE_URI"
+OPTIONS_ENV = "PIPEMEDIC_STORAGE_OPTIONS"
+DEFAULT_STORE = "store"
+_CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
+
+
+def store_uri() -> str:
+    """The store's root: ``PIPEMEDIC_STORE_URI`` or ``./store`` (made absolute)."""
+    uri = os.environ.get(STORE_ENV, DEFAULT_STORE)
+    return uri if is_remote(uri) else str(Path(uri).resolve())
+
+
+def local_store_dir() -> Path:
+    """A local folder for run artefacts (RLlib checkpoints, metrics, plots): the store itself
+    when it is a local path, ``./store`` when the tables live in an object store."""
+    uri = os.environ.get(STORE_ENV, DEFAULT_STORE)
+    return Path(DEFAULT_STORE if is_remote(uri) else uri)
+
+
+def is_remote(uri: str) -> bool:
+    """True for an object-store URI (``s3://...``); a local path otherwise."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def table_uri(name: str, root: str | None = None) -> str:
+    """URI of the table ``name`` under the store root."""
+    root = (root or store_uri()).rstrip("/")
+    return f"{root}/tables/{name}"
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """Options delta-rs needs for an object store, from the environment; None for local paths."""
+    if not is_remote(uri):
+        return None
+    options = {
+        key.lower(): value
+        for key, value in os.environ.items()
+        if key.startswith(_CREDENTIAL_PREFIXES) and value
+    }
+    extra = os.environ.get(OPTIONS_ENV)
+    if extra:
+        try:
+            parsed = json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{OPTIONS_ENV} is not a JSON object: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise StorageError(f"{OPTIONS_ENV} must be a JSON object, got {type(parsed).__name__}")
+        options.update({str(k): str(v) for k, v in parsed.items()})
+    return options
+
+
+def open_table(uri: str, *, version: int | None = None) -> DeltaTable | None:
+    """The table at ``uri``, or None when no table exists there yet."""
+    try:
+        return DeltaTable(uri, version=version, storage_options=storage_options(uri))
+    except TableNotFoundError:
+        return None
+    except (DeltaError, OSError) as exc:
+        raise StorageError(f"cannot open the Delta table at {uri}: {exc}") from exc
+
+
+def ensure_table(uri: str, schema: pa.Schema, *, partition_by: list[str] | None = None) -> None:
+    """Create an empty table with ``schema`` unless one exists (safe if several try at once)."""
+    for attempt in range(8):
+        if open_table(uri) is not None:
+            return
+        try:
+            DeltaTable.create(
+                uri,
+                schema,
+                partition_by=partition_by,
+                mode="ignore",
+                storage_options=storage_options(uri),
+            )
+            return
+        except (CommitFailedError, DeltaError, OSError):
+            if attempt == 7:
+                raise
+            _pause(attempt)  # another process created it at the same moment
+
+
+def append_batch(
+    uri: str,
+    data: pa.Table,
+    *,
+    writer_id: str,
+    batch: int,
+    partition_by: list[str] | None = None,
+    writer_properties: WriterProperties | None = None,
+    attempts: int = 10,
+    base_delay_s: float = 0.05,
+) -> bool:
+    """Append ``data`` as batch number ``batch`` of ``writer_id``, at most once.
+
+    Batch numbers of one writer must increase. Returns True if this call committed the rows,
+    False if the table already held that batch (an earlier attempt went in). Raises
+    ``StorageError`` after ``attempts`` failed tries, with the last error.
+    """
+    if batch < 0:
+        raise ValueError(f"batch numbers start at 0, got {batch}")
+    options = storage_options(uri)
+    last_error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            table = open_table(uri)
+            if table is not None:
+                done = table.transaction_version(writer_id)
+                if done is not None and done >= batch:
+                    return False
+            write_deltalake(
+                table if table is not None else uri,
+                data,
+                mode="append",
+                partition_by=partition_by,
+                storage_options=options,
+                writer_properties=writer_properties,
+                commit_properties=CommitProperties(
+                    app_transactions=[Transaction(writer_id, batch)]
+                ),
+            )
+            return True
+        except SchemaMismatchError as exc:  # bad input: retrying cannot help
+            raise StorageError(f"batch {batch} of {writer_id} does not fit {uri}: {exc}") from exc
+        except (CommitFailedError, DeltaError, OSError, StorageError) as exc:
+            last_error = exc
+            log.info(
+                "append of %s batch %d failed (try %d): %s", writer_id, batch, attempt + 1, exc
+            )
+            _pause(attempt, base_delay_s)
+    raise StorageError(
+        f"could not append batch {batch} of {writer_id} to {uri} after {attempts} tries: "
+        f"{last_error}"
+    )
+
+
+def _pause(attempt: int, base_delay_s: float = 0.05) -> None:
+    """Exponential backoff with full jitter, capped at 2 s."""
+    time.sleep(random.uniform(0, min(2.0, base_delay_s * 2**attempt)))
