@@ -54,6 +54,9 @@ class PPOSection(_Strict):
 class StopSection(_Strict):
     pipeline_steps: int = Field(1_000_000, ge=1, description="simulated pipeline steps (10 s each)")
     minutes: float = Field(28.0, gt=0)
+    validation_score: float | None = Field(
+        None, description="also stop once a review scores at or below this (lower is better)"
+    )
 
 
 class TrainConfig(_Strict):

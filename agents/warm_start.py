@@ -314,13 +314,15 @@ def warm_start(
         data = samples_from_experience(
             policies=cfg.experience_policies, max_rows=cfg.experience_rows, seed=seed
         )
-        missing = set(nets) - set(data)
-        if missing:
+        top = MASTER if env_cfg.mode == "hierarchical" else "flat"
+        if top not in data:
             raise ConfigError(
-                f"warm_start.source is experience, but the experience table has no transitions "
-                f"of {sorted(missing)} from {list(cfg.experience_policies)}; record some with "
+                f"warm_start.source is experience, but the experience table has no {top} "
+                f"transitions from {list(cfg.experience_policies)}; record some with "
                 f"`pipemedic experience record --policy oracle --kind {env_cfg.mode}`"
             )
+        for role in sorted(set(nets) - set(data)):
+            log.warning("no %s transitions in the experience: %s keeps its weights", role, role)
         accuracy = fit(nets, data, cfg, gamma, seed)
         if on_round:
             on_round(1, 0, accuracy)

@@ -284,6 +284,7 @@ def train(
     algo = build_ppo_config(cfg, run_id=run_id).build_algo()
     state = {
         "run_id": run_id,
+        "started_at": time.time(),
         "iteration": 0,
         "pipeline_steps": 0,
         "env_steps": 0,
@@ -312,6 +313,8 @@ def train(
             f.write(json.dumps(record, default=_plain) + "\n")
 
     deadline = time.monotonic() + cfg.stop.minutes * 60 - state["train_seconds"]
+    target = cfg.stop.validation_score
+    reached = target is not None and state.get("best_score", float("inf")) <= target
     started_iteration = state["iteration"]
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -328,7 +331,11 @@ def train(
             completed=state["pipeline_steps"],
             status="",
         )
-        while state["pipeline_steps"] < cfg.stop.pipeline_steps and time.monotonic() < deadline:
+        while (
+            state["pipeline_steps"] < cfg.stop.pipeline_steps
+            and time.monotonic() < deadline
+            and not reached
+        ):
             if (
                 max_iterations is not None
                 and state["iteration"] - started_iteration >= max_iterations
@@ -347,6 +354,7 @@ def train(
             }
             if state["iteration"] % cfg.evaluate_every == 0:
                 _review(algo, cfg, out, state, record, console, store)
+                reached = target is not None and record["validation_score"] <= target
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=_plain) + "\n")
             top_return = record["return_per_pipeline"].get(AGENTS_OF_KIND[cfg.kind][0])

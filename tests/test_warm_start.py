@@ -7,7 +7,7 @@ import numpy as np
 from agents.inference import agent_sizes
 from agents.networks import PolicyValueNet
 from agents.warm_start import WarmStartConfig, _domain_labels, collect, fit
-from envs.catalogue import ACTION_ID, STAGES, best_cure
+from envs.catalogue import ACTION_ID, DOMAINS, STAGES, best_cure
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv
 from envs.observation import LAYOUTS
 from envs.scenario import Scenario
@@ -62,3 +62,55 @@ def test_fit_learns_the_labels():
         assert accuracy[role] > majority, (role, accuracy, majority)
     # The acting labels (delegate, deduplicate) are learned, not drowned by the quiet steps.
     assert accuracy["master (acting labels)"] > 0.5 and accuracy["quality (acting labels)"] > 0.5
+
+
+def test_recorded_oracle_transitions_chain_and_clone_into_a_working_policy(tmp_path, monkeypatch):
+    """``record_episodes`` writes agent-level transitions (each next observation is that agent's
+    next observation), and a warm start from them alone beats doing nothing."""
+    from agents.inference import LearnedPolicy, manifest_for
+    from agents.rollout import episode_seeds, rollout
+    from agents.warm_start import record_episodes, warm_start
+    from checkpoints.experience import ExperienceWriter, ReplaySampler
+    from envs.metrics import aggregate
+
+    scenario = single_fault_scenario("duplicate_burst", at=3, steps=40)
+    cfg = EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=8)
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path))
+    with ExperienceWriter(run_id="rec", source="sim") as writer:
+        used = record_episodes(cfg, "oracle", writer, steps=6000, seed=0, pipelines=16)
+    assert used >= 6000
+    table = ReplaySampler().read(policy_versions=["oracle"])
+    assert table.num_rows == writer.rows_written > 0
+    rows = table.sort_by([("episode", "ascending"), ("agent", "ascending"), ("step", "ascending")])
+    episode, agent = rows["episode"].to_pylist(), rows["agent"].to_pylist()
+    obs, nxt = rows["observation"].to_pylist(), rows["next_observation"].to_pylist()
+    masters = [i for i in range(len(agent)) if agent[i] == "master"]
+    for i, j in zip(masters, masters[1:], strict=False):
+        if episode[i] == episode[j]:
+            assert nxt[i] == obs[j]  # transitions chain within an episode
+    # The oracle deduplicates: the quality specialist was asked and answered.
+    assert "quality" in set(agent)
+    assert rows["truncated"].to_pylist().count(True) >= 16  # every episode ends truncated
+
+    nets = {a: PolicyValueNet(*agent_sizes(a), [32, 32]) for a in ("master", *DOMAINS)}
+    ws = WarmStartConfig(source="experience", epochs=20)
+    assert warm_start(nets, cfg, ws, gamma=0.98, seed=0) == 0
+    cloned = LearnedPolicy(manifest_for("hierarchical", nets, {}), nets)
+    idle = LearnedPolicy(manifest_for("hierarchical", nets, {}), _observe_only_nets())
+    seeds = episode_seeds(scenario, 0, 6)
+    good = aggregate(rollout(cloned, scenario, seeds))
+    bad = aggregate(rollout(idle, scenario, seeds))
+    assert good["mttr_s"] < 0.5 * bad["mttr_s"], (good, bad)
+
+
+def _observe_only_nets():
+    """A master that always observes: what no remediation at all looks like."""
+    import torch
+
+    nets = {a: PolicyValueNet(*agent_sizes(a), [8]) for a in ("master", *DOMAINS)}
+    with torch.no_grad():
+        last = nets["master"].pi[-1]
+        last.weight.zero_()
+        last.bias.fill_(-10.0)
+        last.bias[LAYOUTS["master"].encode("observe")] = 10.0
+    return nets

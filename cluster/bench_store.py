@@ -1,0 +1,249 @@
+"""Delta store benchmarks: ``pipemedic bench store``.
+
+* **Experience append rate**: real transitions (the ``oracle`` driving the training environment,
+  recorded once into memory: master rows carry 230 observation floats, specialists 110-160, plus
+  the next observation and the action mask) appended in batches of ``batch_rows`` through
+  ``ExperienceWriter.write_batch`` (the idempotency check, the Parquet write and the Delta commit
+  all timed). Reported: the median rate over ``repeats`` batches for one writer, and the
+  aggregate rate of ``processes`` writers appending at once (each its own process, all batches
+  started together; rate = all rows / wall time until the last one finished).
+* **Warm start from experience** (``bench_warm_start``): the time a warm start from stored
+  ``oracle`` transitions saves. Three steps in one process and one temporary store: record the
+  oracle's episodes into the experience table (timed: the one-off cost); train with the config
+  as it is (live DAgger warm start, then PPO) and note its best validation score and the wall
+  time at which it first reached it; train again with ``warm_start.source: experience`` and
+  ``stop.validation_score`` set to that score, and note when it got there (or that it did not).
+* **Promoted checkpoint load**: ``LearnedPolicy.from_store`` for a promoted ``hierarchical``
+  version among ``versions`` stored ones: finding the promoted version in the promotions log,
+  reading its rows, checking the SHA-256 of each agent and building the networks. Median of
+  ``repeats`` loads in this process, and the first load in a fresh process (imports excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+
+def realistic_transitions(rows: int, *, seed: int = 0) -> pa.Table:
+    """``rows`` transitions recorded from the oracle in the training environment (repeated
+    to size if fewer were recorded), as the Arrow batch the writer appends."""
+    from agents.ppo_config import load_train_config
+    from agents.warm_start import record_episodes
+
+    class Collect:
+        def __init__(self):
+            self.tables = []
+
+        def add(self, t):
+            self.tables.append(t.to_arrow(run_id="bench", source="sim"))
+
+        def flush(self):
+            pass
+
+    collector = Collect()
+    env = load_train_config("configs/train.yaml").env_config()
+    record_episodes(env, "oracle", collector, steps=min(rows, 60_000), seed=seed, pipelines=64)
+    table = pa.concat_tables(collector.tables)
+    reps = -(-rows // table.num_rows)
+    return pa.concat_tables([table] * reps).slice(0, rows).combine_chunks()
+
+
+_WRITER = """
+import json, sys, time
+import pyarrow as pa, pyarrow.ipc as ipc
+from checkpoints.experience import ExperienceWriter
+uri, data_file, wid, batches, start_at = sys.argv[1:6]
+data = ipc.open_file(data_file).read_all()
+w = ExperienceWriter(run_id="bench", source="sim", uri=uri, writer_id=wid)
+time.sleep(max(0.0, float(start_at) - time.time()))
+t0 = time.time()
+for b in range(int(batches)):
+    w.write_batch(data, batch=b)
+print(json.dumps({"start": t0, "end": time.time(), "rows": data.num_rows * int(batches)}))
+"""
+
+
+def bench_append(
+    *, batch_rows: int = 50_000, repeats: int = 5, processes: int = 2
+) -> dict[str, float]:
+    from checkpoints.experience import ExperienceWriter
+
+    data = realistic_transitions(batch_rows)
+    with tempfile.TemporaryDirectory(prefix="pipemedic-bench-") as tmp:
+        uri = str(Path(tmp) / "experience")
+        writer = ExperienceWriter(run_id="bench", source="sim", uri=uri, writer_id="bench-1")
+        writer.write_batch(data, batch=0)  # warm-up: table creation, first file
+        rates = []
+        for b in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            writer.write_batch(data, batch=b)
+            rates.append(batch_rows / (time.perf_counter() - t0))
+        # Several writer processes at once.
+        data_file = Path(tmp) / "batch.arrow"
+        with pa.OSFile(str(data_file), "wb") as sink, pa.ipc.new_file(sink, data.schema) as w:
+            w.write_table(data)
+        script = Path(tmp) / "writer.py"
+        script.write_text(_WRITER)
+        start_at = time.time() + 8  # after every process has imported and read the batch
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    uri,
+                    str(data_file),
+                    f"p{i}",
+                    str(repeats),
+                    str(start_at),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+            for i in range(processes)
+        ]
+        results = [
+            json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs
+        ]
+        wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+        total = sum(r["rows"] for r in results)
+        bytes_per_row = data.nbytes / data.num_rows
+    return {
+        "batch_rows": batch_rows,
+        "bytes_per_row_in_memory": round(bytes_per_row),
+        "one_writer_median_rows_per_s": statistics.median(rates),
+        "one_writer_min_rows_per_s": min(rates),
+        "one_writer_max_rows_per_s": max(rates),
+        "processes": processes,
+        "parallel_rows_per_s": total / wall,
+    }
+
+
+_LOAD = """
+import json, sys, time
+from agents.inference import LearnedPolicy
+t0 = time.perf_counter()
+LearnedPolicy.from_store("hierarchical", root=sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def bench_checkpoint_load(*, versions: int = 20, repeats: int = 7) -> dict[str, float]:
+    import torch
+
+    from agents.inference import (
+        AGENTS_OF_KIND,
+        LearnedPolicy,
+        agent_sizes,
+        manifest_for,
+        weights_of,
+    )
+    from agents.networks import PolicyValueNet
+    from checkpoints.policies import CheckpointStore
+
+    with tempfile.TemporaryDirectory(prefix="pipemedic-bench-") as root:
+        store = CheckpointStore(root)
+        for v in range(1, versions + 1):
+            torch.manual_seed(v)
+            nets = {
+                a: PolicyValueNet(*agent_sizes(a), [128, 128])
+                for a in AGENTS_OF_KIND["hierarchical"]
+            }
+            store.publish(
+                "hierarchical",
+                weights_of(nets),
+                run_id="bench",
+                iteration=v,
+                pipeline_steps=v * 1000,
+                manifest=manifest_for("hierarchical", nets, {}),
+            )
+            if v % 5 == 0:
+                store.promote("hierarchical", v)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            LearnedPolicy.from_store("hierarchical", root=root)
+            times.append(time.perf_counter() - t0)
+        out = subprocess.run(
+            [sys.executable, "-c", _LOAD, root],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        fresh = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        weights_bytes = sum(len(b) for b in weights_of(nets).values())
+    return {
+        "versions": versions,
+        "weights_bytes": weights_bytes,
+        "median_s": statistics.median(times),
+        "max_s": max(times),
+        "fresh_process_s": fresh,
+    }
+
+
+def bench_warm_start(config: str, *, kind: str = "hierarchical", record_steps: int = 300_000):
+    """See the module docstring; returns both runs' figures."""
+    import os
+    import uuid
+
+    from agents.ppo_config import load_train_config
+    from agents.warm_start import record_episodes
+    from checkpoints.experience import ExperienceWriter
+    from cluster.train import read_metrics, train
+
+    store = tempfile.mkdtemp(prefix="pipemedic-bench-warm-")
+    os.environ["PIPEMEDIC_STORE_URI"] = store  # before Ray starts: runners write there too
+    cfg = load_train_config(config, kind=kind)
+    t0 = time.perf_counter()
+    with ExperienceWriter(run_id=f"bench-record-{uuid.uuid4().hex[:6]}", source="sim") as w:
+        record_episodes(cfg.env_config(), "oracle", w, steps=record_steps, seed=cfg.seed + 500)
+    record_s = time.perf_counter() - t0
+
+    def run(name: str, run_cfg) -> dict:
+        out = Path(store) / "runs" / name
+        summary = train(run_cfg, out, fresh=True, promote=False)
+        rows = read_metrics(out / "metrics.jsonl")
+        return {"summary": summary, "rows": rows}
+
+    dagger = run("dagger", cfg)
+    target = dagger["summary"]["best_score"]
+    experience_cfg = cfg.model_copy(
+        update={
+            "warm_start": cfg.warm_start.model_copy(update={"source": "experience"}),
+            "stop": cfg.stop.model_copy(update={"validation_score": target}),
+        }
+    )
+    experience = run("experience", experience_cfg)
+
+    def figures(r: dict) -> dict:
+        s, rows = r["summary"], r["rows"]
+        started = s["started_at"]
+        reviews = [x for x in rows if "validation_score" in x]
+        hit = next((x for x in reviews if x["validation_score"] <= target), None)
+        warm = next((x for x in rows if x.get("warm_start")), None)
+        best = min(reviews, key=lambda x: x["validation_score"])
+        return {
+            "warm_start_s": None if warm is None else warm["time"] - started,
+            "reached_target_s": None if hit is None else hit["time"] - started,
+            "reached_at_pipeline_steps": None if hit is None else hit["pipeline_steps"],
+            "total_s": rows[-1]["time"] - started,
+            "best_validation": best["validation_score"],
+            "best_held_out": best.get("eval", {}),
+        }
+
+    return {
+        "target_validation_score": target,
+        "record_s": record_s,
+        "record_steps": record_steps,
+        "dagger": figures(dagger),
+        "experience": figures(experience),
+    }
