@@ -402,7 +402,8 @@ def demo(
     from agents.ppo_config import load_train_config
     from cluster.train import train as run_training
 
-    os.environ["PIPEMEDIC_STORE_URI"] = str(store)  # before Ray starts: workers read it too
+    # Before Ray starts, absolute: workers read it too, from their own working folders.
+    os.environ["PIPEMEDIC_STORE_URI"] = str(store.resolve())
     try:
         for kind in ("hierarchical", "flat"):
             cfg = load_train_config(config, kind=kind)

@@ -1,6 +1,7 @@
 """``pipemedic checkpoints ...`` and ``pipemedic experience ...``: operating the Delta store.
 
     pipemedic checkpoints list [--kind hierarchical]
+    pipemedic checkpoints import store/runs/hierarchical/policy --promote
     pipemedic checkpoints show hierarchical 3
     pipemedic checkpoints promote hierarchical 3 --reason "beat v2 on held-out"
     pipemedic checkpoints rollback hierarchical [--to 2]
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -107,6 +109,38 @@ def checkpoints_show(
             },
             indent=2,
         )
+    )
+
+
+@checkpoints_app.command("import")
+def checkpoints_import(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder, e.g. STORE/runs/KIND/policy")],
+    promote: Annotated[bool, typer.Option(help="Also promote the new version.")] = False,
+) -> None:
+    """Publish a policy bundle folder as a new version (e.g. a run's policy/ or an older
+    bundle from before the checkpoints table)."""
+    from agents.inference import load_bundle, weights_of
+
+    try:
+        manifest, nets = load_bundle(bundle)
+        kind = manifest["kind"]
+        store = _store()
+        version = store.publish(
+            kind,
+            weights_of(nets),
+            run_id=str(manifest.get("run_id", f"import:{bundle.resolve()}")),
+            iteration=int(manifest.get("selected_iteration", manifest.get("iteration", 0))),
+            pipeline_steps=int(manifest.get("pipeline_steps", 0)),
+            manifest={k: v for k, v in manifest.items() if k != "config"},
+            eval_metrics={"validation_score": manifest.get("best_score")},
+            config=manifest.get("config") or {},
+        )
+        if promote:
+            store.promote(kind, version, reason=f"imported from {bundle}")
+    except PipemedicError as exc:
+        _fail(exc)
+    console.print(
+        f"published {bundle} as {kind}:v{version}" + (" and promoted it" if promote else "")
     )
 
 

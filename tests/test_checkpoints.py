@@ -176,3 +176,29 @@ def test_the_promoted_checkpoint_decides_like_the_networks_it_came_from(tmp_path
     a, b = from_store.decide(enc), direct.decide(enc)
     assert np.array_equal(a.action, b.action) and np.array_equal(a.stage, b.stage)
     assert np.array_equal(a.master_probs, b.master_probs)
+
+
+def test_store_commands_work_and_name_mistakes_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path))
+    cli = CliRunner()
+    missing = cli.invoke(app, ["experience", "stats"])
+    assert missing.exit_code == 2 and "no experience table" in missing.output
+    store = CheckpointStore()
+    publish(store, make_nets(0), 1)
+    publish(store, make_nets(1), 2)
+    assert cli.invoke(app, ["checkpoints", "promote", "hierarchical", "1"]).exit_code == 0
+    assert cli.invoke(app, ["checkpoints", "promote", "hierarchical", "2"]).exit_code == 0
+    listed = cli.invoke(app, ["checkpoints", "list"])
+    assert listed.exit_code == 0 and "hierarchical" in listed.output
+    shown = cli.invoke(app, ["checkpoints", "show", "hierarchical", "2"])
+    assert shown.exit_code == 0 and '"hash_check": "ok"' in shown.output
+    back = cli.invoke(app, ["checkpoints", "rollback", "hierarchical"])
+    assert back.exit_code == 0 and "rolled back hierarchical to v1" in back.output
+    assert store.promoted_version("hierarchical") == 1
+    wrong = cli.invoke(app, ["checkpoints", "promote", "hierarchical", "9"])
+    assert wrong.exit_code == 2 and "no version 9" in wrong.output
+    assert "Traceback" not in wrong.output

@@ -112,13 +112,21 @@ def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, t
     # of its transitions to the experience table under this run's id.
     from checkpoints.experience import ReplaySampler
     from checkpoints.policies import CheckpointStore
+    from envs.observation import observation_size
 
     versions = CheckpointStore().list_versions("hierarchical")
     mine = [v for v in versions if v["run_id"] == summary["run_id"]]
     assert [v["iteration"] for v in mine] == [0, 3]
     assert all(set(v["agents"]) == {"master", "drift", "infra", "quality"} for v in mine)
-    logged = ReplaySampler().read(run_ids=[summary["run_id"]], columns=["agent", "reward"])
-    assert logged.num_rows > 0 and "master" in logged.column("agent").to_pylist()
+    logged = ReplaySampler().read(run_ids=[summary["run_id"]]).to_pylist()
+    assert logged and {"master"} <= {r["agent"] for r in logged}
+    for r in logged:
+        assert 0 < r["action_prob"] <= 1 and r["action_mask"][r["action"]]
+        assert len(r["observation"]) == len(r["next_observation"])
+        assert len(r["observation"]) == observation_size(r["agent"])
+        assert r["source"] == "sim" and r["policy_version"].startswith(
+            f"train:{summary['run_id']}:"
+        )
 
 
 def test_inference_wrapper_agrees_with_the_rllib_modules_greedy_action(ray_session, tmp_path):
