@@ -18,11 +18,13 @@ of the same episodes (the environment's own rewards), so PPO's first advantages 
 The simulated steps spent here count against the training budget (``cluster.train`` adds them
 to ``pipeline_steps``), so a warm-started run and a cold one get the same number of steps.
 
-``source: experience`` instead clones behaviour from transitions already in the experience
-table (``checkpoints.experience``): by default the ``oracle``'s episodes, which
-``record_episodes`` (``pipemedic experience record``) writes, and later production outcomes. It
-simulates nothing, so it is as fast as reading and fitting; the episodes were paid for once,
-when they were recorded.
+``source: experience`` takes round 0, the teacher's own episodes, from the experience table
+(``checkpoints.experience``) instead of simulating them: by default the ``oracle``'s episodes,
+which ``record_episodes`` (``pipemedic experience record``) writes once for any number of later
+runs. The later DAgger rounds stay live: they need the current student acting. (Cloning the
+stored episodes alone, with no live rounds, was measured and is much worse: the student never
+sees the states its own mistakes lead to, and specialists are only labelled where the oracle
+asked them; see the README.)
 """
 
 from __future__ import annotations
@@ -309,7 +311,16 @@ def warm_start(
     seed: int,
     on_round: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> int:
-    """Pre-train ``nets`` in place; returns the simulated pipeline steps used."""
+    """Pre-train ``nets`` in place; returns the simulated pipeline steps used.
+
+    With ``source: experience`` round 0 (the teacher's own episodes) is read from the
+    experience table instead of simulated; the later rounds, where the student acts and the
+    teacher labels, are live as usual (they need the current student, so no table can hold
+    them in advance)."""
+    total = 0
+    per_round = max(1, cfg.pipeline_steps // cfg.rounds)
+    merged: dict[str, _Samples] = defaultdict(_Samples)
+    first_live_round = 0
     if cfg.source == "experience":
         data = samples_from_experience(
             policies=cfg.experience_policies, max_rows=cfg.experience_rows, seed=seed
@@ -323,14 +334,12 @@ def warm_start(
             )
         for role in sorted(set(nets) - set(data)):
             log.warning("no %s transitions in the experience: %s keeps its weights", role, role)
-        accuracy = fit(nets, data, cfg, gamma, seed)
+        merged.update(data)
+        accuracy = fit(nets, merged, cfg, gamma, seed)
         if on_round:
             on_round(1, 0, accuracy)
-        return 0
-    total = 0
-    per_round = max(1, cfg.pipeline_steps // cfg.rounds)
-    merged: dict[str, _Samples] = defaultdict(_Samples)
-    for r in range(cfg.rounds):
+        first_live_round = 1
+    for r in range(first_live_round, cfg.rounds):
         data, used = collect(
             env_cfg,
             None if r == 0 else nets,

@@ -7,12 +7,13 @@
   all timed). Reported: the median rate over ``repeats`` batches for one writer, and the
   aggregate rate of ``processes`` writers appending at once (each its own process, all batches
   started together; rate = all rows / wall time until the last one finished).
-* **Warm start from experience** (``bench_warm_start``): the time a warm start from stored
-  ``oracle`` transitions saves. Three steps in one process and one temporary store: record the
-  oracle's episodes into the experience table (timed: the one-off cost); train with the config
-  as it is (live DAgger warm start, then PPO) and note its best validation score and the wall
-  time at which it first reached it; train again with ``warm_start.source: experience`` and
-  ``stop.validation_score`` set to that score, and note when it got there (or that it did not).
+* **Warm start from experience** (``bench_warm_start``): the time saved when DAgger's round 0
+  (the oracle's own episodes) comes from the experience table. Three steps in one process and
+  one temporary store: record one round's worth of oracle episodes into the experience table
+  (timed: the one-off cost); train with the config as it is (live DAgger warm start, then PPO)
+  and note its best validation score and the wall time at which it first reached it; train
+  again with ``warm_start.source: experience`` and ``stop.validation_score`` set to that score,
+  and note when it got there (or that it did not).
 * **Promoted checkpoint load**: ``LearnedPolicy.from_store`` for a promoted ``hierarchical``
   version among ``versions`` stored ones: finding the promoted version in the promotions log,
   reading its rows, checking the SHA-256 of each agent and building the networks. Median of
@@ -190,8 +191,9 @@ def bench_checkpoint_load(*, versions: int = 20, repeats: int = 7) -> dict[str, 
     }
 
 
-def bench_warm_start(config: str, *, kind: str = "hierarchical", record_steps: int = 300_000):
-    """See the module docstring; returns both runs' figures."""
+def bench_warm_start(config: str, *, kind: str = "hierarchical", record_steps: int | None = None):
+    """See the module docstring; returns both runs' figures. ``record_steps`` defaults to the
+    size of one DAgger round, the round the stored experience replaces."""
     import os
     import uuid
 
@@ -203,6 +205,7 @@ def bench_warm_start(config: str, *, kind: str = "hierarchical", record_steps: i
     store = tempfile.mkdtemp(prefix="pipemedic-bench-warm-")
     os.environ["PIPEMEDIC_STORE_URI"] = store  # before Ray starts: runners write there too
     cfg = load_train_config(config, kind=kind)
+    record_steps = record_steps or cfg.warm_start.pipeline_steps // cfg.warm_start.rounds
     t0 = time.perf_counter()
     with ExperienceWriter(run_id=f"bench-record-{uuid.uuid4().hex[:6]}", source="sim") as w:
         record_episodes(cfg.env_config(), "oracle", w, steps=record_steps, seed=cfg.seed + 500)

@@ -278,9 +278,12 @@ def bench_store(
 def bench_warm_start_cmd(
     config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
     kind: Annotated[str, typer.Option(help="hierarchical or flat")] = "hierarchical",
-    record_steps: Annotated[int, typer.Option(min=1000)] = 300_000,
+    record_steps: Annotated[
+        int | None, typer.Option(min=1000, help="Default: one DAgger round's steps.")
+    ] = None,
 ) -> None:
-    """Training time saved by a warm start from stored oracle experience (two full trainings)."""
+    """Training time saved when DAgger's first round comes from stored oracle experience (two
+    full trainings, one after the other)."""
     import json
 
     from cluster.bench_store import bench_warm_start

@@ -93,7 +93,7 @@ def test_recorded_oracle_transitions_chain_and_clone_into_a_working_policy(tmp_p
     assert rows["truncated"].to_pylist().count(True) >= 16  # every episode ends truncated
 
     nets = {a: PolicyValueNet(*agent_sizes(a), [32, 32]) for a in ("master", *DOMAINS)}
-    ws = WarmStartConfig(source="experience", epochs=20)
+    ws = WarmStartConfig(source="experience", epochs=20, rounds=1)  # no live rounds
     assert warm_start(nets, cfg, ws, gamma=0.98, seed=0) == 0
     cloned = LearnedPolicy(manifest_for("hierarchical", nets, {}), nets)
     idle = LearnedPolicy(manifest_for("hierarchical", nets, {}), _observe_only_nets())
