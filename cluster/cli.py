@@ -319,6 +319,11 @@ def bench_warm_start_cmd(
             f"{_opt(held.get('mttr_s'), '{:.0f}')} / {_opt(held.get('slo_adherence'), '{:.1%}')}",
         )
     console.print(table)
+    for name in ("dagger", "experience"):
+        within = "  ".join(
+            f"<= {k} best: {_opt(v, '{:.0f}')} s" for k, v in r[name]["reached_within_s"].items()
+        )
+        console.print(f"{name}: first review {within}")
     console.print(
         f"Recording {r['record_steps']:,} pipeline steps of oracle experience took "
         f"{r['record_s']:.0f} s (paid once; any later run reuses it)."
