@@ -128,14 +128,16 @@ def nets_from_weights(
     nets = {}
     for agent in AGENTS_OF_KIND[kind]:
         spec = manifest.get("agents", {}).get(agent)
-        if spec is None or agent not in weights:
-            raise CheckpointError(f"{where}: agent {agent!r} missing")
+        if spec is None:
+            raise CheckpointError(f"{where}: agent {agent!r} missing from the manifest")
         expected = agent_sizes(agent)
         if (spec["obs_size"], spec["n_actions"]) != expected:
             raise CheckpointError(
                 f"{where}: agent {agent!r} was trained for observation/action sizes "
                 f"{(spec['obs_size'], spec['n_actions'])}, this code uses {expected}"
             )
+        if agent not in weights:
+            raise CheckpointError(f"{where}: the weights of agent {agent!r} are missing")
         net = PolicyValueNet(spec["obs_size"], spec["n_actions"], spec["hidden"])
         net.load_state_dict(load(weights[agent]))
         net.eval()
