@@ -191,7 +191,13 @@ def bench_checkpoint_load(*, versions: int = 20, repeats: int = 7) -> dict[str, 
     }
 
 
-def bench_warm_start(config: str, *, kind: str = "hierarchical", record_steps: int | None = None):
+def bench_warm_start(
+    config: str,
+    *,
+    kind: str = "hierarchical",
+    record_steps: int | None = None,
+    seed: int | None = None,
+):
     """See the module docstring; returns both runs' figures. ``record_steps`` defaults to the
     size of one DAgger round, the round the stored experience replaces."""
     import os
@@ -204,7 +210,7 @@ def bench_warm_start(config: str, *, kind: str = "hierarchical", record_steps: i
 
     store = tempfile.mkdtemp(prefix="pipemedic-bench-warm-")
     os.environ["PIPEMEDIC_STORE_URI"] = store  # before Ray starts: runners write there too
-    cfg = load_train_config(config, kind=kind)
+    cfg = load_train_config(config, kind=kind, seed=seed)
     record_steps = record_steps or cfg.warm_start.pipeline_steps // cfg.warm_start.rounds
     t0 = time.perf_counter()
     with ExperienceWriter(run_id=f"bench-record-{uuid.uuid4().hex[:6]}", source="sim") as w:

@@ -281,6 +281,9 @@ def bench_warm_start_cmd(
     record_steps: Annotated[
         int | None, typer.Option(min=1000, help="Default: one DAgger round's steps.")
     ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Override the config's seed (both runs).")
+    ] = None,
 ) -> None:
     """Training time saved when DAgger's first round comes from stored oracle experience (two
     full trainings, one after the other)."""
@@ -289,7 +292,7 @@ def bench_warm_start_cmd(
     from cluster.bench_store import bench_warm_start
 
     try:
-        r = bench_warm_start(str(config), kind=kind, record_steps=record_steps)
+        r = bench_warm_start(str(config), kind=kind, record_steps=record_steps, seed=seed)
     except PipemedicError as exc:
         _fail(exc)
     table = Table(
