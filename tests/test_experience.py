@@ -188,8 +188,14 @@ KILLED_WRITER = textwrap.dedent(
 )
 
 
-def _parquet_files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*.parquet")}
+def _data_files(root: Path) -> set[str]:
+    """Every file of the table folder except the Delta log (Parquet files and any half-written
+    upload a kill leaves behind)."""
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and "_delta_log" not in p.parts
+    }
 
 
 def test_a_writer_killed_mid_append_leaves_a_clean_table_and_vacuum_removes_its_orphans(
@@ -199,37 +205,31 @@ def test_a_writer_killed_mid_append_leaves_a_clean_table_and_vacuum_removes_its_
     uri = str(root)
     script = tmp_path / "killed.py"
     script.write_text(KILLED_WRITER.format(root=str(ROOT)))
-    orphans_seen = 0
-    for fraction in (0.85, 0.8, 0.9, 0.75, 0.95, 0.7):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), uri], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout.readline().startswith("committed"), "the writer never committed"
-        started = time.monotonic()
-        assert proc.stdout.readline().startswith("committed")
-        batch_seconds = time.monotonic() - started
-        # Files are uploaded at the end of a batch, just before its commit: aim there.
-        time.sleep(fraction * batch_seconds)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        table = DeltaTable(uri)
-        referenced = {f.removeprefix(uri + "/") for f in table.file_uris()}
-        referenced = {
-            str(Path(f).relative_to(root)) if f.startswith("/") else f for f in referenced
-        }
-        orphans_seen += len(_parquet_files(root) - referenced)
-        data = table.to_pyarrow_table(columns=["episode"])
-        # Only whole batches: every committed batch has all its 40,000 rows.
-        assert data.num_rows % 40_000 == 0 and data.num_rows > 0
-        if orphans_seen:
-            break
-    assert orphans_seen, "no kill landed inside a write in 6 tries"
-    rows_before = DeltaTable(uri).to_pyarrow_table(columns=["episode"]).num_rows
-    deleted = vacuum(uri, retain_hours=0)
-    assert len(deleted) >= 1
+    proc = subprocess.Popen([sys.executable, str(script), uri], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("committed"), "the writer never committed"
+    committed = _data_files(root)
+    # The next batch uploads its 40 day-partition files one after another, then commits: kill
+    # the writer as soon as the first of them appears, so the kill lands inside the write.
+    deadline = time.monotonic() + 120
+    while _data_files(root) == committed:
+        assert time.monotonic() < deadline and proc.poll() is None, "the writer stopped writing"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
     table = DeltaTable(uri)
-    assert _parquet_files(root) == {str(Path(f).relative_to(root)) for f in table.file_uris()}
-    assert table.to_pyarrow_table(columns=["episode"]).num_rows == rows_before
+    referenced = {str(Path(f).relative_to(root)) for f in table.file_uris()}
+    orphans = _data_files(root) - referenced
+    assert orphans, "the kill left no files behind"
+    # Readers see only whole batches: one committed batch of 40,000 rows, none of the orphans.
+    assert table.version() == 1
+    assert table.to_pyarrow_table(columns=["episode"]).num_rows == 40_000
+    deleted = vacuum(uri, retain_hours=0)
+    assert set(deleted) >= {  # vacuum names files relative to the table
+        o for o in orphans if o.endswith(".parquet")
+    }
+    table = DeltaTable(uri)
+    assert _data_files(root) == {str(Path(f).relative_to(root)) for f in table.file_uris()}
+    assert table.to_pyarrow_table(columns=["episode"]).num_rows == 40_000
 
 
 def test_compaction_merges_small_batches_without_changing_the_rows(tmp_path):
