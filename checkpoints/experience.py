@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -36,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import ColumnProperties, WriterProperties
 
-from checkpoints.storage import append_batch, ensure_table, open_table, table_uri
+from checkpoints.storage import append_batch, ensure_table, is_remote, open_table, table_uri
 from envs.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -408,15 +411,36 @@ def vacuum(uri: str | None = None, *, retain_hours: int = 168, dry_run: bool = F
     """Delete files no current table version needs and that are older than ``retain_hours``:
     files replaced by compaction or deletes, and orphans from writers killed mid-write (a
     *full* vacuum, since no log entry names them). Keep ``retain_hours`` above the longest
-    write and the oldest time-travel read you need."""
+    write and the oldest time-travel read you need. Returns the paths (relative to the table).
+
+    On a local store a writer killed *during* an upload also leaves the upload's staging file
+    (``part-....parquet#1``), which delta-rs's vacuum does not recognise as table data; those
+    are removed here too, under the same age rule. (On S3 an interrupted multipart upload
+    leaves no object, only parts that a bucket lifecycle rule should abort.)"""
     uri = uri or experience_uri()
     table = _require(uri)
-    return table.vacuum(
+    deleted = table.vacuum(
         retention_hours=retain_hours,
         dry_run=dry_run,
         enforce_retention_duration=False,
         full=True,
     )
+    if not is_remote(uri):
+        root = Path(uri)
+        cutoff = time.time() - retain_hours * 3600
+        for staged in root.rglob("*#*"):
+            relative = staged.relative_to(root)
+            if "_delta_log" in relative.parts or not _STAGING.fullmatch(staged.name):
+                continue
+            if staged.is_file() and staged.stat().st_mtime <= cutoff:
+                if not dry_run:
+                    staged.unlink()
+                deleted.append(str(relative))
+    return deleted
+
+
+# object_store's local uploads write NAME#N, then rename it to NAME when complete.
+_STAGING = re.compile(r".+\.parquet#\d+")
 
 
 def _require(uri: str):
