@@ -59,10 +59,9 @@ def log_sampled_experience(
         )
         _WRITERS[run_id] = writer
     seq = getattr(env_runner, "_weights_seq_no", 0)
-    transitions = episodes_to_transitions(samples, policy_version=f"train:{run_id}:{seq}")
-    for batch in transitions:
-        writer.add(batch)
     try:
+        for batch in episodes_to_transitions(samples, policy_version=f"train:{run_id}:{seq}"):
+            writer.add(batch)
         writer.flush()
     except Exception as exc:  # logging experience must never stop training
         log.error("could not write sampled experience: %s", exc)

@@ -171,6 +171,7 @@ class LearnedPolicy:
         self.nets = nets
         self.sample = sample
         self._rng = np.random.default_rng(0)
+        self.stored = None  # the StoredPolicy, when loaded from the checkpoints table
 
     @classmethod
     def load(cls, path: Path | str, **kw: Any) -> LearnedPolicy:

@@ -114,9 +114,9 @@ def ensure_table(uri: str, schema: pa.Schema, *, partition_by: list[str] | None 
                 storage_options=storage_options(uri),
             )
             return
-        except (CommitFailedError, DeltaError, OSError):
+        except (CommitFailedError, DeltaError, OSError) as exc:
             if attempt == 7:
-                raise
+                raise StorageError(f"cannot create the Delta table at {uri}: {exc}") from exc
             _pause(attempt)  # another process created it at the same moment
 
 
