@@ -4,7 +4,8 @@
   recorded once into memory: master rows carry 230 observation floats, specialists 110-160, plus
   the next observation and the action mask) appended in batches of ``batch_rows`` through
   ``ExperienceWriter.write_batch`` (the idempotency check, the Parquet write and the Delta commit
-  all timed). Reported: the median rate over ``repeats`` batches for one writer, and the
+  all timed). Reported: the median rate over ``repeats`` batches for one writer (and for the
+  same appends with delta-rs's default writer settings), and the
   aggregate rate of ``processes`` writers appending at once (each its own process, all batches
   started together; rate = all rows / wall time until the last one finished).
 * **Warm start from experience** (``bench_warm_start``): the time saved when DAgger's round 0
@@ -87,6 +88,17 @@ def bench_append(
             t0 = time.perf_counter()
             writer.write_batch(data, batch=b)
             rates.append(batch_rows / (time.perf_counter() - t0))
+        # The same appends with delta-rs's default writer settings, for comparison.
+        from checkpoints.experience import PARTITION_BY
+        from checkpoints.storage import append_batch
+
+        default_uri = str(Path(tmp) / "experience-defaults")
+        append_batch(default_uri, data, writer_id="d", batch=0, partition_by=PARTITION_BY)
+        default_rates = []
+        for b in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            append_batch(default_uri, data, writer_id="d", batch=b, partition_by=PARTITION_BY)
+            default_rates.append(batch_rows / (time.perf_counter() - t0))
         # Several writer processes at once.
         data_file = Path(tmp) / "batch.arrow"
         with pa.OSFile(str(data_file), "wb") as sink, pa.ipc.new_file(sink, data.schema) as w:
@@ -123,6 +135,7 @@ def bench_append(
         "one_writer_median_rows_per_s": statistics.median(rates),
         "one_writer_min_rows_per_s": min(rates),
         "one_writer_max_rows_per_s": max(rates),
+        "defaults_median_rows_per_s": statistics.median(default_rates),
         "processes": processes,
         "parallel_rows_per_s": total / wall,
     }

@@ -258,6 +258,12 @@ def bench_store(
         f"{a['one_writer_min_rows_per_s']:,.0f} – {a['one_writer_max_rows_per_s']:,.0f}",
     )
     table.add_row(
+        "1, delta-rs default settings",
+        f"{a['batch_rows']:,}",
+        f"{a['defaults_median_rows_per_s']:,.0f}",
+        "-",
+    )
+    table.add_row(
         f"{a['processes']} processes",
         f"{a['batch_rows']:,}",
         f"{a['parallel_rows_per_s']:,.0f}",
