@@ -171,7 +171,6 @@ class LearnedPolicy:
         self.nets = nets
         self.sample = sample
         self._rng = np.random.default_rng(0)
-        self.stored = None  # the StoredPolicy, when loaded from the checkpoints table
 
     @classmethod
     def load(cls, path: Path | str, **kw: Any) -> LearnedPolicy:
@@ -188,9 +187,7 @@ class LearnedPolicy:
         stored = CheckpointStore(root).load_promoted(kind)
         manifest = {**stored.manifest, "policy_version": stored.name}
         nets = nets_from_weights(manifest, stored.weights, where=stored.name)
-        policy = cls(manifest, nets, **kw)
-        policy.stored = stored
-        return policy
+        return cls(manifest, nets, **kw)
 
     @property
     def version(self) -> str:

@@ -147,6 +147,24 @@ def _master_label(action: int) -> str:
     return f"delegate_{ACTION_DOMAIN[name]}" if name in ACTION_DOMAIN else name
 
 
+def _teacher_labels(env: PipelineMedicEnv, action: np.ndarray, slot: np.ndarray, role: str):
+    """The teacher's (sim action, slot) per pipeline as indices in ``role``'s layout; a choice
+    the role's mask forbids (or cannot express) becomes ``observe``."""
+    layout = LAYOUTS[role]
+    mask = env.encoder.action_mask(role)
+    labels = np.empty(env.k, dtype=np.int64)
+    for i in range(env.k):
+        name = SIM_ACTIONS[action[i]]
+        if role == MASTER:
+            label = layout.encode(_master_label(action[i]))
+        elif name in layout.actions:
+            label = layout.encode(name, slot[i] if name != "observe" else 0)
+        else:  # a master action (escalate) asked of a specialist: it cannot say that
+            label = layout.encode("observe")
+        labels[i] = label if mask[i, label] > 0 else layout.encode("observe")
+    return labels
+
+
 def collect(
     env_cfg: EnvConfig,
     nets: dict[str, PolicyValueNet] | None,
@@ -173,7 +191,6 @@ def collect(
     last_index: dict[str, int] = {}
     used, episode = 0, 0
     top = env.top
-    top_layout = LAYOUTS[top]
     while used < steps:
         obs, _ = env.reset(seed=int(rng.integers(2**31)))
         oracle.reset(EpisodeContext(env.k, env.scenario.topology, env.params))
@@ -189,16 +206,11 @@ def collect(
                 domain = _domain_labels(env) if top == MASTER else {}
                 for d, (action, slot) in domain.items():
                     _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
+                labels = _teacher_labels(env, teach_action, teach_slot, top)
                 for i in range(env.k):
                     aid = agent_id(top, i)
                     o = obs[aid]
-                    name = SIM_ACTIONS[teach_action[i]]
-                    if top == MASTER:
-                        label = top_layout.encode(_master_label(teach_action[i]))
-                    else:
-                        label = top_layout.encode(name, teach_slot[i] if name != "observe" else 0)
-                    if o["action_mask"][label] == 0:
-                        label = top_layout.encode("observe")
+                    label = int(labels[i])
                     s = samples[top]
                     s.obs.append(o["observations"])
                     s.mask.append(o["action_mask"])
@@ -209,13 +221,13 @@ def collect(
                     acts_itself = follow_teacher[i] or nets is None
                     actions[aid] = label if acts_itself else _student_action(nets[top], o)
             else:  # specialists the master delegated to
+                specialist_labels = {}
                 for aid, o in obs.items():
                     role, i = split_agent_id(aid)
-                    action, slot = domain[role]
-                    label = LAYOUTS[role].encode(SIM_ACTIONS[action[i]], slot[i])
                     if follow_teacher[i] or nets is None:
-                        allowed = o["action_mask"][label] > 0
-                        actions[aid] = label if allowed else LAYOUTS[role].encode("observe")
+                        if role not in specialist_labels:
+                            specialist_labels[role] = _teacher_labels(env, *domain[role], role)
+                        actions[aid] = int(specialist_labels[role][i])
                     else:
                         actions[aid] = _student_action(nets[role], o)
             obs, rewards, _, truncated, _ = env.step(actions)
@@ -364,24 +376,6 @@ def warm_start(
 
 
 # ---------------------------------------------------------------------- experience
-def _teacher_labels(env: PipelineMedicEnv, action: np.ndarray, slot: np.ndarray, role: str):
-    """The teacher's (sim action, slot) per pipeline as indices in ``role``'s layout; a choice
-    the role's mask forbids (or cannot express) becomes ``observe``."""
-    layout = LAYOUTS[role]
-    mask = env.encoder.action_mask(role)
-    labels = np.empty(env.k, dtype=np.int64)
-    for i in range(env.k):
-        name = SIM_ACTIONS[action[i]]
-        if role == MASTER:
-            label = layout.encode(_master_label(action[i]))
-        elif name in layout.actions:
-            label = layout.encode(name, slot[i] if name != "observe" else 0)
-        else:  # a master action (escalate) asked of a specialist: it cannot say that
-            label = layout.encode("observe")
-        labels[i] = label if mask[i, label] > 0 else layout.encode("observe")
-    return labels
-
-
 def record_episodes(
     env_cfg: EnvConfig,
     teacher: str,

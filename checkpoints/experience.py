@@ -190,9 +190,7 @@ def _list_array(rows, dtype, name: str, n: int) -> pa.Array:
         if len(rows) != n:
             raise StorageError(f"field {name!r} has {len(rows)} rows, expected {n}")
         flat = np.ascontiguousarray(rows, dtype=dtype).ravel()
-        offsets = np.arange(0, flat.size + 1, max(rows.shape[1], 1), dtype=np.int32)
-        if rows.shape[1] == 0:
-            offsets = np.zeros(n + 1, dtype=np.int32)
+        offsets = np.arange(n + 1, dtype=np.int32) * rows.shape[1]
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
     if len(rows) != n:
         raise StorageError(f"field {name!r} has {len(rows)} rows, expected {n}")

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.store_cli import checkpoints_app, experience_app
+from cluster.store_cli import checkpoints_app, experience_app, fmt_optional
 from envs.errors import PipemedicError
 
 app = typer.Typer(
@@ -320,17 +320,18 @@ def bench_warm_start_cmd(
         held = f["best_held_out"]
         table.add_row(
             name,
-            _opt(f["warm_start_s"], "{:.0f}"),
-            _opt(f["reached_target_s"], "{:.0f}"),
-            _opt(f["reached_at_pipeline_steps"], "{:,}"),
+            fmt_optional(f["warm_start_s"], "{:.0f}"),
+            fmt_optional(f["reached_target_s"], "{:.0f}"),
+            fmt_optional(f["reached_at_pipeline_steps"], "{:,}"),
             f"{f['total_s']:.0f}",
             f"{f['best_validation']:.2f}",
-            f"{_opt(held.get('mttr_s'), '{:.0f}')} / {_opt(held.get('slo_adherence'), '{:.1%}')}",
+            f"{fmt_optional(held.get('mttr_s'), '{:.0f}')} / {fmt_optional(held.get('slo_adherence'), '{:.1%}')}",
         )
     console.print(table)
     for name in ("dagger", "experience"):
         within = "  ".join(
-            f"<= {k} best: {_opt(v, '{:.0f}')} s" for k, v in r[name]["reached_within_s"].items()
+            f"<= {k} best: {fmt_optional(v, '{:.0f}')} s"
+            for k, v in r[name]["reached_within_s"].items()
         )
         console.print(f"{name}: first review {within}")
     console.print(
@@ -338,10 +339,6 @@ def bench_warm_start_cmd(
         f"{r['record_s']:.0f} s (paid once; any later run reuses it)."
     )
     console.print(json.dumps(r, default=str))
-
-
-def _opt(value, pattern: str) -> str:
-    return "-" if value is None else pattern.format(value)
 
 
 @app.command()

@@ -70,13 +70,14 @@ def checkpoints_list(
             str(v["iteration"]),
             f"{v['pipeline_steps']:,}",
             f"{v['created_at']:%Y-%m-%d %H:%M:%S}",
-            _fmt(v["eval_metrics"].get("validation_score"), "{:.1f}"),
-            f"{_fmt(held.get('mttr_s'), '{:.0f}')} / {_fmt(held.get('slo_adherence'), '{:.1%}')}",
+            fmt_optional(v["eval_metrics"].get("validation_score"), "{:.1f}"),
+            f"{fmt_optional(held.get('mttr_s'), '{:.0f}')} / {fmt_optional(held.get('slo_adherence'), '{:.1%}')}",
         )
     console.print(table)
 
 
-def _fmt(value, pattern: str) -> str:
+def fmt_optional(value, pattern: str) -> str:
+    """``pattern.format(value)``, or ``-`` for a missing value."""
     return "-" if value is None else pattern.format(value)
 
 

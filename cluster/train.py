@@ -273,12 +273,12 @@ def train(
     metrics_file = out / "metrics.jsonl"
     bundle_dir = out / "policy"
     resume = _latest_checkpoint(out)
-    # A resumed run keeps its id (from the checkpoint), so its versions are not published twice.
+    saved = json.loads((resume / "train_state.json").read_text()) if resume else {}
+    # A resumed run keeps its id, so its versions are not published twice.
     run_id = (
-        json.loads((resume / "train_state.json").read_text()).get("run_id")
-        if resume is not None
-        else None
-    ) or f"{cfg.kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        saved.get("run_id")
+        or f"{cfg.kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    )
     store = CheckpointStore()
     ensure_ray()
     algo = build_ppo_config(cfg, run_id=run_id).build_algo()
@@ -293,7 +293,7 @@ def train(
     }
     if resume is not None:
         algo.restore_from_path(str(resume.resolve()))
-        state = {"run_id": run_id, **json.loads((resume / "train_state.json").read_text())}
+        state = {"run_id": run_id, **saved}
         # Iterations logged after that checkpoint will be run again: drop their lines.
         kept = [r for r in read_metrics(metrics_file) if r["iteration"] <= state["iteration"]]
         metrics_file.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
