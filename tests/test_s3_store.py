@@ -107,3 +107,38 @@ def test_checkpoints_publish_promote_and_load_through_s3(s3_store):
     from agents.inference import weights_of
 
     assert loaded.version == version and loaded.weights == weights_of(nets)
+
+
+def test_four_processes_appending_to_s3_at_once_lose_and_duplicate_nothing(s3_store, tmp_path):
+    # The README says concurrent commits on S3 need no lock or unsafe-rename setting: checked
+    # here, the same way as on a local folder (tests/test_experience.py).
+    import subprocess as sp
+
+    from deltalake import DeltaTable
+
+    from checkpoints.experience import experience_uri
+    from tests.test_experience import ROOT, WRITER_SCRIPT
+
+    uri = experience_uri()
+    ExperienceWriter(run_id="setup", source="sim", uri=uri)
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER_SCRIPT.format(root=str(ROOT)))
+    writers, batches, rows = 4, 4, 100
+    procs = [
+        sp.Popen(
+            [sys.executable, str(script), uri, f"s3w{i}", str(batches), str(rows)],
+            stdout=sp.PIPE,
+            stderr=sp.STDOUT,
+            text=True,
+        )
+        for i in range(writers)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    table = DeltaTable(uri, storage_options=storage_options(uri))
+    data = table.to_pyarrow_table(columns=["episode", "step"])
+    assert data.num_rows == writers * batches * rows
+    keys = set(zip(data["episode"].to_pylist(), data["step"].to_pylist(), strict=True))
+    assert len(keys) == writers * batches * rows
+    assert sorted(h["version"] for h in table.history()) == list(range(writers * batches + 1))
