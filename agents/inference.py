@@ -145,6 +145,20 @@ def nets_from_weights(
     return nets
 
 
+def fresh_nets(
+    kind: str, *, hidden: tuple[int, ...] = (64, 64), seed: int = 0
+) -> dict[str, PolicyValueNet]:
+    """Freshly initialised networks of ``kind`` (near-uniform over allowed actions): what a
+    service runs before any training, and what the serving tests publish."""
+    if kind not in AGENTS_OF_KIND:
+        raise CheckpointError(f"unknown kind {kind!r}; expected one of {sorted(AGENTS_OF_KIND)}")
+    torch.manual_seed(seed)
+    nets = {a: PolicyValueNet(*agent_sizes(a), list(hidden)) for a in AGENTS_OF_KIND[kind]}
+    for net in nets.values():
+        net.eval()
+    return nets
+
+
 @dataclass
 class Decision:
     """Decisions for a batch of pipelines (arrays of shape (n,) unless noted)."""
@@ -156,6 +170,10 @@ class Decision:
     master_probs: np.ndarray | None  # (n, len(MASTER_ACTIONS)); None for flat
     # Per pipeline: for each agent that decided, its most probable choices ("action@stage").
     action_probs: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    # Per pipeline: for each agent that decided, (index in its layout, probability of it).
+    chosen: list[dict[str, tuple[int, float]]] = field(default_factory=list)
+    # Per agent that decided: (rows, observations, action masks) it was given.
+    inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 class LearnedPolicy:
@@ -185,7 +203,13 @@ class LearnedPolicy:
         from checkpoints.policies import CheckpointStore
 
         stored = CheckpointStore(root).load_promoted(kind)
-        manifest = {**stored.manifest, "policy_version": stored.name}
+        facts = {
+            "run_id": stored.run_id,
+            "iteration": stored.iteration,
+            "pipeline_steps": stored.pipeline_steps,
+            "created_at": stored.created_at.isoformat(),
+        }
+        manifest = {**stored.manifest, "policy_version": stored.name, "stored": facts}
         nets = nets_from_weights(manifest, stored.weights, where=stored.name)
         return cls(manifest, nets, **kw)
 
@@ -207,10 +231,14 @@ class LearnedPolicy:
 
     # ------------------------------------------------------------------ the decision
     @torch.no_grad()
-    def _probs(self, agent: str, enc: ObservationEncoder, rows: np.ndarray) -> np.ndarray:
-        obs = torch.from_numpy(enc.observe(_VIEW[agent])[rows]).clamp_(-OBS_BOUND, OBS_BOUND)
-        mask = torch.from_numpy(enc.action_mask(agent)[rows])
-        return torch.softmax(self.nets[agent].logits(obs, mask), dim=-1).numpy()
+    def _probs(
+        self, agent: str, enc: ObservationEncoder, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Action probabilities of ``agent`` for ``rows``, with the observations and masks."""
+        obs = np.clip(enc.observe(_VIEW[agent])[rows], -OBS_BOUND, OBS_BOUND)
+        mask = enc.action_mask(agent)[rows]
+        logits = self.nets[agent].logits(torch.from_numpy(obs), torch.from_numpy(mask))
+        return torch.softmax(logits, dim=-1).numpy(), obs, mask
 
     def _choose(self, probs: np.ndarray) -> np.ndarray:
         if not self.sample:
@@ -224,14 +252,16 @@ class LearnedPolicy:
         action = np.full(n, ACTION_ID["observe"], dtype=np.int64)
         slot = np.zeros(n, dtype=np.int64)
         specialist: list[str | None] = [None] * n
-        probs_by_agent: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        probs_by_agent: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         master_probs = None
         if self.name == "flat":
             choosers = {"flat": everyone}
         else:
-            master_probs = self._probs("master", enc, everyone)
+            master_probs, obs, mask = self._probs("master", enc, everyone)
+            inputs["master"] = (everyone, obs, mask)
             choice = self._choose(master_probs)
-            probs_by_agent["master"] = (everyone, master_probs)
+            probs_by_agent["master"] = (everyone, master_probs, choice)
             for i, c in enumerate(choice):
                 if not MASTER_ACTIONS[c].startswith("delegate_"):
                     action[i] = ACTION_ID[MASTER_ACTIONS[c]]
@@ -241,17 +271,20 @@ class LearnedPolicy:
         for agent, rows in choosers.items():
             if len(rows) == 0:
                 continue
-            probs = self._probs(agent, enc, rows)
+            probs, obs, mask = self._probs(agent, enc, rows)
+            inputs[agent] = (rows, obs, mask)
             index = self._choose(probs)
             action[rows], _ = enc.to_sim(agent, index)
             slot[rows] = index % N_SLOTS  # untargeted actions are masked to slot 0
-            probs_by_agent[agent] = (rows, probs)
+            probs_by_agent[agent] = (rows, probs, index)
             if agent in DOMAINS:
                 for i in rows:
                     specialist[i] = agent
         action_probs: list[dict[str, dict[str, float]]] = [{} for _ in range(n)]
-        for agent, (rows, probs) in probs_by_agent.items():
+        chosen: list[dict[str, tuple[int, float]]] = [{} for _ in range(n)]
+        for agent, (rows, probs, index) in probs_by_agent.items():
             for j, i in enumerate(rows):
+                chosen[i][agent] = (int(index[j]), float(probs[j, index[j]]))
                 top = np.argsort(probs[j])[::-1][:5]
                 action_probs[i][agent] = {
                     _label(LAYOUTS[agent], k): float(probs[j, k]) for k in top if probs[j, k] > 1e-4
@@ -263,6 +296,8 @@ class LearnedPolicy:
             specialist=specialist,
             master_probs=master_probs,
             action_probs=action_probs,
+            chosen=chosen,
+            inputs=inputs,
         )
 
 

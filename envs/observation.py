@@ -27,6 +27,7 @@ Action spaces
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,21 @@ class ObservationEncoder:
         slots[:, self.slots] = stage[:, :, STAGE_INDEX["replicas"]]
         self.replicas = np.where(self.present, slots, 1.0)
         self.human_paged = pipe[:, PIPELINE_INDEX["human_paged"]] > 0.5
+
+    def copy(self) -> ObservationEncoder:
+        """An independent copy (cheap: the parameters and topology are shared, read-only)."""
+        twin = copy.copy(self)
+        for name in ("_usual", "_usual_inflow"):  # the only arrays updated in place
+            value = getattr(self, name)
+            setattr(twin, name, None if value is None else value.copy())
+        return twin
+
+    def last_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """The raw telemetry as last seen, gaps filled with earlier values: stage metrics
+        (n, n_stages, len(STAGE_METRICS)) in topology order and pipeline metrics (n, 7)."""
+        if self._last_stage is None:
+            raise RuntimeError("no telemetry seen yet; call update() first")
+        return self._last_stage, self._last_pipeline
 
     def _squash(self, stage: np.ndarray, pipe: np.ndarray) -> np.ndarray:
         """Per pipeline: squashed stage metrics in slot order, then pipeline features."""
