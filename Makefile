@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The stamp is rebuilt whenever the declared dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean prometheus
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; Pipeline Medic needs Python 3.11 (set PYTHON=...)"; exit 1; }
@@ -21,7 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pipemedic demo
 
-test: $(STAMP)
+# The serving tests scrape the service with a real Prometheus server (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing Prometheus (Debian package prometheus) for the serving tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

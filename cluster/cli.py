@@ -6,6 +6,8 @@
     pipemedic bench sim | train | store
     pipemedic checkpoints list | show | promote | rollback | promoted
     pipemedic experience record | stats | compact | vacuum
+    pipemedic serve [--host --port]                       (the decision endpoint on Ray Serve)
+    pipemedic bench serve
     pipemedic demo
 
 A user mistake (bad scenario, unknown policy, ...) prints one line naming the problem and exits
@@ -395,6 +397,44 @@ def bench_train(
     except PipemedicError as exc:
         _fail(exc)
     console.print(table)
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Annotated[Path, typer.Option(help="Serve config file.")] = Path("configs/serve.yaml"),
+    host: Annotated[str | None, typer.Option(help="Listen address (default: the config's).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: the config's, 8000).")] = None,
+) -> None:
+    """Serve the decision endpoint on an embedded Ray (Ctrl-C stops it).
+
+    Beyond loopback (--host 0.0.0.0) set PIPEMEDIC_API_TOKEN: decide and feedback then need
+    `Authorization: Bearer <token>`. The promoted policy of the checkpoints table is served;
+    a newly promoted version is picked up while serving."""
+    from serve.launch import start
+    from serve.settings import load_serve_config, service_settings, with_host_port
+
+    try:
+        cfg = load_serve_config(config)
+        http = cfg.get("http_options") or {}
+        cfg = with_host_port(
+            cfg, host=host or http.get("host", "127.0.0.1"), port=port or http.get("port", 8000)
+        )
+        settings = service_settings(cfg["applications"][0].get("args"))
+        settings.api_token()  # refuse an open service beyond loopback before starting Ray
+        from checkpoints.policies import CheckpointStore
+
+        if CheckpointStore(settings.store_uri).promoted_version(settings.policy) is None:
+            raise PipemedicError(
+                f"no promoted {settings.policy} policy in the store; train one "
+                "(python -m cluster.train --config configs/train.yaml) or import one "
+                "(pipemedic checkpoints import BUNDLE --promote)"
+            )
+        url = cfg["http_options"]["host"], cfg["http_options"]["port"]
+        console.print(f"Serving {settings.policy} on http://{url[0]}:{url[1]} (Ctrl-C stops)")
+        console.print("  docs: /docs   OpenAPI: /openapi.json   metrics: /metrics")
+        start(cfg, blocking=True)
+    except PipemedicError as exc:
+        _fail(exc)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import schemas
 from serve.decider import DecisionError, DecisionService
@@ -37,10 +38,16 @@ from serve.settings import ServiceSettings, guardrails, service_settings
 log = logging.getLogger(__name__)
 
 _ERRORS = {
+    400: {"model": schemas.ErrorBody, "description": "The body is not readable as JSON text."},
     401: {"model": schemas.ErrorBody, "description": "Missing or wrong bearer token."},
     413: {"model": schemas.ErrorBody, "description": "Request body over the configured size."},
     422: {"model": schemas.ErrorBody, "description": "Invalid request; `fields` names what."},
 }
+
+# Module level: endpoint annotations are resolved against this module's globals.
+BearerCredentials = Annotated[
+    HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
+]
 
 
 class BodyLimit:
@@ -97,10 +104,9 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         description="Decisions for broken data and ML pipelines (DESIGN.md, Decision API).",
     )
     api.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
-    bearer = HTTPBearer(auto_error=False)
     metrics.set_policy(service.policy.version)
 
-    def authorised(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def authorised(cred: BearerCredentials) -> None:
         if token is None:
             return
         if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
@@ -115,6 +121,15 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
             for e in exc.errors()
         ]
         return JSONResponse({"error": "invalid request", "fields": fields}, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths, wrong methods, unreadable bodies: the same error shape as the rest.
+        return JSONResponse(
+            {"error": str(exc.detail), "fields": []},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @api.exception_handler(DecisionError)
     async def _refused(request: Request, exc: DecisionError) -> JSONResponse:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from envs.catalogue import DOMAINS, SIM_ACTIONS
 
@@ -26,6 +26,16 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 Rate = Annotated[float, Field(ge=0, le=1)]
 NonNegative = Annotated[float, Field(ge=0)]
 Flag = Annotated[float, Field(ge=0, le=1)]
+
+
+def _iso_text(value: object) -> object:
+    # Lax datetimes would also take numbers (seconds since 1970); the document says string.
+    if not isinstance(value, str):
+        raise ValueError("timestamp must be an ISO 8601 string, e.g. 2026-11-22T10:00:00Z")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_iso_text), Field(strict=False)]
 PipelineId = Annotated[
     str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ]
@@ -134,7 +144,7 @@ class DecideRequest(BaseModel):
     mode: RequestedMode | None = Field(
         None, description="Ask for shadow or autonomous; the service default when omitted."
     )
-    timestamp: datetime | None = Field(None, strict=False)
+    timestamp: Timestamp | None = None
 
 
 class Alternative(BaseModel):

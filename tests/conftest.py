@@ -43,3 +43,52 @@ def single_fault_scenario(
             ],
         }
     )
+
+
+SERVE_TOKEN = "test-token-not-secret"
+
+
+@pytest.fixture(scope="session")
+def decision_service(ray_session, tmp_path_factory):
+    """The decision endpoint on a real Ray Serve on localhost, from ``configs/serve.yaml`` with
+    test-sized settings: a freshly initialised policy promoted in its own store, a bearer token,
+    small queue bounds (so overload is reachable) and fast policy polling and feedback flushes.
+    Yields an object with ``url``, ``store``, ``headers``."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve.launch import start
+    from serve.settings import load_serve_config, with_host_port
+    from tests.serve_helpers import biased_nets, publish_and_promote
+
+    store = str(tmp_path_factory.mktemp("serve-store"))
+    publish_and_promote(store, biased_nets(logit=3.0), iteration=1)
+    cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=_free_port())
+    app = cfg["applications"][0]
+    app["args"].update(store_uri=store, policy_poll_s=0.5, feedback_flush_s=0.5)
+    app["deployments"][0].update(
+        max_ongoing_requests=4,
+        max_queued_requests=4,
+        health_check_period_s=1,
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": {"PIPEMEDIC_API_TOKEN": SERVE_TOKEN}},
+        },
+    )
+    url = start(cfg)
+    yield SimpleNamespace(
+        url=url,
+        store=store,
+        headers={"Authorization": f"Bearer {SERVE_TOKEN}"},
+        app_name=app["name"],
+    )
+    serve.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

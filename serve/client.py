@@ -1,0 +1,103 @@
+"""A small Python client of the decision endpoint, with retries.
+
+    from serve.client import DecisionClient
+
+    medic = DecisionClient("http://127.0.0.1:8000", token=os.environ.get("PIPEMEDIC_API_TOKEN"))
+    decision = medic.decide({"pipeline_id": "orders-etl", "stages": {"transform": {"cpu": 0.97}}})
+    if decision["mode"] == "autonomous" and decision["action"] != "observe":
+        ...  # carry it out, then:
+    medic.feedback(decision["decision_id"], "resolved")
+
+Connection failures and 502/503/504 (an overloaded or restarting service) are retried with
+exponential backoff and jitter; 4xx answers are the caller's mistake and raise at once
+(``DecisionRequestError`` carries the fields the service named).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import requests
+
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+
+class DecisionRequestError(Exception):
+    """The service refused the request (4xx) or kept failing after every retry."""
+
+    def __init__(self, status: int | None, body: Any):
+        self.status, self.body = status, body
+        super().__init__(f"decision service answered {status}: {body}")
+
+
+class DecisionClient:
+    """Calls ``/v1/decide``, ``/v1/decide/batch``, ``/v1/feedback`` and ``/v1/policy``."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        token: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 5,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+    ):
+        self.url = url.rstrip("/")
+        self.timeout_s, self.retries = timeout_s, retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        #: Attempts that failed and were retried (connection errors, 502/503/504).
+        self.failed_attempts = 0
+
+    def decide(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/v1/decide", snapshot)
+
+    def decide_batch(self, snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._call("POST", "/v1/decide/batch", {"requests": snapshots})["decisions"]
+
+    def feedback(
+        self,
+        decision_id: str,
+        outcome: str,
+        *,
+        executed: bool = True,
+        telemetry_after: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {"decision_id": decision_id, "outcome": outcome, "executed": executed}
+        if telemetry_after is not None:
+            body["telemetry_after"] = telemetry_after
+        return self._call("POST", "/v1/feedback", body)
+
+    def policy(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/policy")
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        last: tuple[int | None, Any] = (None, None)
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.session.request(method, self.url + path, json=body, timeout=self.timeout_s)
+            except requests.ConnectionError as exc:
+                last = (None, str(exc))
+            else:
+                if r.status_code < 400:
+                    return r.json()
+                if r.status_code not in _RETRY_STATUS:
+                    raise DecisionRequestError(r.status_code, _body(r))
+                last = (r.status_code, _body(r))
+            if attempt < self.retries:
+                self.failed_attempts += 1
+                cap = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+                time.sleep(random.uniform(0, cap))  # full jitter: clients do not retry in step
+        raise DecisionRequestError(*last)
+
+
+def _body(r: requests.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return r.text
