@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The stamp is rebuilt whenever the declared dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean prometheus
+.PHONY: install demo test lint format bench bench-serve clean prometheus
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; Pipeline Medic needs Python 3.11 (set PYTHON=...)"; exit 1; }
@@ -42,6 +42,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pipemedic bench sim
+
+# The serving benchmark drives HTTP load with wrk (Debian package).
+bench-serve: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+	$(BIN)/pipemedic bench serve
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache

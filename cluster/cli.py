@@ -282,6 +282,64 @@ def bench_store(
     )
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    seconds: Annotated[int, typer.Option(min=1, help="Length of each wrk run (s).")] = 5,
+) -> None:
+    """Decision latency and throughput: in process, plain uvicorn, Ray Serve (proxy and
+    direct ingress), side by side in one run (needs wrk: `make bench-serve` installs it)."""
+    from serve.bench import BATCH, bench_serve
+
+    try:
+        r = bench_serve(seconds=seconds)
+    except PipemedicError as exc:
+        _fail(exc)
+    ip = r["in_process"]
+    console.print(f"Policy {ip['policy']} from {r['store']}")
+    console.print(
+        f"In process: decide p50 {ip['decide'][0]:.3f} ms, p99 {ip['decide'][1]:.3f} ms; "
+        f"with JSON parse + serialise p50 {ip['decide_json'][0]:.3f} ms, p99 "
+        f"{ip['decide_json'][1]:.3f} ms; torch with 2 threads p50 "
+        f"{ip['decide_torch_2_threads'][0]:.3f} ms; batch of {BATCH}: "
+        f"{ip['batch_decisions_per_s']:,.0f} decisions/s"
+    )
+    table = Table(title="HTTP (wrk, keep-alive)", title_justify="left")
+    for col in (
+        "target",
+        "c=1 p50 ms",
+        "c=1 p99 ms",
+        "c=1 req/s",
+        "c=16 p50 ms",
+        "c=16 p99 ms",
+        "c=16 req/s",
+        f"batch ({BATCH}) decisions/s",
+        "failed",
+    ):
+        table.add_column(col, justify="right")
+    names = {
+        "uvicorn": "plain uvicorn",
+        "serve_proxy": "Ray Serve, proxy",
+        "serve_direct": "Ray Serve, direct ingress",
+    }
+    for key, name in names.items():
+        if key not in r:
+            table.add_row(name, *["-"] * 8)
+            continue
+        row = r[key]
+        table.add_row(
+            name,
+            f"{row['c1']['p50_ms']:.2f}",
+            f"{row['c1']['p99_ms']:.2f}",
+            f"{row['c1']['rps']:,.0f}",
+            f"{row['c16']['p50_ms']:.2f}",
+            f"{row['c16']['p99_ms']:.2f}",
+            f"{row['c16']['rps']:,.0f}",
+            f"{row['batch']['decisions_per_s']:,.0f}",
+            str(row["c1"]["failed"] + row["c16"]["failed"] + row["batch"]["failed"]),
+        )
+    console.print(table)
+
+
 @bench_app.command("warm-start")
 def bench_warm_start_cmd(
     config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
@@ -402,7 +460,9 @@ def bench_train(
 @app.command("serve")
 def serve_cmd(
     config: Annotated[Path, typer.Option(help="Serve config file.")] = Path("configs/serve.yaml"),
-    host: Annotated[str | None, typer.Option(help="Listen address (default: the config's).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Listen address (default: the config's).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: the config's, 8000).")] = None,
 ) -> None:
     """Serve the decision endpoint on an embedded Ray (Ctrl-C stops it).

@@ -96,9 +96,15 @@ OBS_BOUND = 10.0
 BASELINE_RATE = 0.02
 
 
+def clip(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``np.clip`` as two ufunc calls: the same values (NaN stays NaN), without ``np.clip``'s
+    dispatch overhead, which dominated encoding one pipeline (~20 calls per step)."""
+    return np.minimum(np.maximum(x, low), high)
+
+
 def _lograte(x: np.ndarray) -> np.ndarray:
     """A rate in [1e-4, 1] on a log scale mapped to [0, 1]."""
-    return np.log10(np.clip(x, 1e-4, 1.0) * 1e4) / 4.0
+    return np.log10(clip(x, 1e-4, 1.0) * 1e4) / 4.0
 
 
 @dataclass(frozen=True)
@@ -238,10 +244,10 @@ class ObservationEncoder:
         ):
             s[..., ix[m]] = _lograte(stage[..., ix[m]])
         for m in ("cpu", "mem", "schema_mismatch", "retry_on", "dedupe_on", "throttle_on"):
-            s[..., ix[m]] = np.clip(stage[..., ix[m]], 0, 2)
+            s[..., ix[m]] = clip(stage[..., ix[m]], 0, 2)
         for m in ("replicas", "replicas_ready"):
             s[..., ix[m]] = stage[..., ix[m]] / p.max_replicas
-        s[..., ix["feature_psi"]] = np.log1p(np.clip(stage[..., ix["feature_psi"]], 0, 100))
+        s[..., ix["feature_psi"]] = np.log1p(clip(stage[..., ix["feature_psi"]], 0, 100))
         x[:, self.slots] = s
 
         q, slo = PIPELINE_INDEX, p.slo
@@ -254,13 +260,13 @@ class ObservationEncoder:
                 np.log1p(lat) / 6,
                 _lograte(err),
                 np.log1p(fresh) / 8,
-                np.clip(acc, 0, 1),
-                np.log1p(np.clip(pipe[:, q["prediction_psi"]], 0, 100)),
+                clip(acc, 0, 1),
+                np.log1p(clip(pipe[:, q["prediction_psi"]], 0, 100)),
                 np.log1p(pipe[:, q["model_age_steps"]]) / 12,
                 pipe[:, q["human_paged"]],
-                np.clip(lat / slo.p99_latency_s, 0, 10) / 10,
-                np.clip(err / slo.error_rate, 0, 10) / 10,
-                np.clip(fresh / slo.freshness_s, 0, 10) / 10,
+                clip(lat / slo.p99_latency_s, 0, 10) / 10,
+                clip(err / slo.error_rate, 0, 10) / 10,
+                clip(fresh / slo.freshness_s, 0, 10) / 10,
             ],
             axis=1,
         )

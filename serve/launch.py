@@ -74,13 +74,14 @@ def direct_ingress_enabled() -> bool:
     return os.environ.get(DIRECT_INGRESS_ENV, "0") == "1"
 
 
-def direct_ingress_urls(app_name: str) -> list[str]:
+def direct_ingress_urls(app_name: str, *, host: str) -> list[str]:
     """With direct ingress on, the replicas' own HTTP addresses (ports are handed out by the
-    controller from 30000 up and change when a replica is replaced, so look them up)."""
+    controller from 30000 up and change when a replica is replaced, so look them up). Replicas
+    bind ``http_options.host``; the controller reports the node's IP, so ``host`` replaces it."""
     client = serve.context._get_global_client()  # no public API lists replica ports yet
     groups = ray.get(client._controller.get_target_groups.remote(app_name))
     return [
-        f"http://{t.ip}:{t.port}"
+        f"http://{host}:{t.port}"
         for g in groups
         if str(g.protocol).upper().endswith("HTTP")
         for t in g.targets

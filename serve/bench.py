@@ -1,0 +1,254 @@
+"""``pipemedic bench serve``: decision latency and throughput, side by side in one run.
+
+Four ways to reach the same policy and service code, measured one after the other:
+
+1. in process: ``DecisionService.decide`` on a parsed request (and the same with JSON parsing
+   and serialisation, what the HTTP layer adds in Python);
+2. plain uvicorn: ``serve.app.create_plain_app`` in its own process (one worker);
+3. Ray Serve through its HTTP proxy (``http_options.port``);
+4. Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the replica answers HTTP
+   itself on a port the controller hands out (30000 up).
+
+HTTP load comes from ``wrk`` (C, keep-alive connections; Debian package ``wrk``) with a Lua
+script that posts the snapshot and prints the latency percentiles as JSON. Every HTTP target
+gets the same runs: one connection (latency) and 16 connections (throughput), then the batch
+endpoint with 256 pipelines per request. The client shares this machine's two cores with the
+server, so absolute figures are pessimistic; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from envs.errors import PipemedicError
+
+BATCH = 256
+_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = io.open("{body}"):read("*a")
+done = function(summary, latency, requests)
+  io.write(string.format(
+    '{{"requests": %d, "duration_us": %d, "errors": %d, "non_2xx": %d, ' ..
+    '"p50_us": %d, "p99_us": %d}}\\n',
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def snapshot(pipeline_id: str = "bench-pipeline") -> dict[str, Any]:
+    """A realistic snapshot: five stages, a dozen metrics each, pipeline metrics and SLOs."""
+    stage = {
+        "throughput_in_rps": 120.0,
+        "throughput_out_rps": 118.0,
+        "queue": 400.0,
+        "latency_p99_s": 2.5,
+        "error_rate": 0.002,
+        "timeout_rate": 0.001,
+        "cpu": 0.82,
+        "mem": 0.6,
+        "replicas": 4,
+        "replicas_ready": 4,
+        "null_rate": 0.01,
+        "dup_rate": 0.0,
+    }
+    return {
+        "pipeline_id": pipeline_id,
+        "stages": {s: dict(stage) for s in ("ingest", "validate", "transform", "load", "model")},
+        "pipeline": {"e2e_latency_p99_s": 12.0, "e2e_error_rate": 0.003, "freshness_s": 60.0},
+        "slo": {"p99_latency_s": 30.0, "error_rate": 0.01, "freshness_s": 120.0},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 120.0) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise PipemedicError(f"{url} did not answer /healthz within {timeout:.0f} s")
+
+
+def wrk(url: str, body: bytes, *, connections: int, seconds: int, folder: Path) -> dict:
+    """One wrk run; requests/s, p50/p99 latency (ms), and failed requests."""
+    body_file = folder / f"body-{len(body)}.json"
+    body_file.write_bytes(body)
+    script = folder / f"post-{len(body)}.lua"
+    script.write_text(_LUA.format(body=body_file))
+    threads = min(connections, 2)
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    stats = json.loads(out.strip().splitlines()[-1])
+    return {
+        "rps": stats["requests"] / (stats["duration_us"] / 1e6),
+        "p50_ms": stats["p50_us"] / 1000,
+        "p99_ms": stats["p99_us"] / 1000,
+        "failed": stats["errors"] + stats["non_2xx"],
+    }
+
+
+def _in_process(store: str, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from serve import schemas
+    from serve.decider import DecisionService
+    from serve.settings import ServiceSettings
+
+    service = DecisionService(ServiceSettings(store_uri=store))
+    body = json.dumps(snapshot()).encode()
+    request = schemas.DecideRequest.model_validate_json(body)
+    batch = schemas.DecideBatchRequest.model_validate(
+        {"requests": [snapshot(f"p{i}") for i in range(BATCH)]}
+    )
+
+    def timed(fn, n):
+        for _ in range(min(50, n)):
+            fn()
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        samples.sort()
+        return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+
+    out: dict[str, Any] = {"policy": service.policy.version}
+    out["decide"] = timed(lambda: service.decide(request), repeats)
+    out["decide_json"] = timed(
+        lambda: service.decide(schemas.DecideRequest.model_validate_json(body)).model_dump_json(),
+        repeats,
+    )
+    p50_batch, _ = timed(lambda: service.decide_many(batch.requests), max(10, repeats // 100))
+    out["batch_decisions_per_s"] = BATCH / (p50_batch / 1000)
+    # Lever: torch intra-op threads (the service pins 1).
+    torch.set_num_threads(2)
+    out["decide_torch_2_threads"] = timed(lambda: service.decide(request), repeats)
+    torch.set_num_threads(1)
+    return out
+
+
+def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
+    """Run every measurement; returns the figures (``cluster.cli`` prints the table)."""
+    if shutil.which("wrk") is None:
+        raise PipemedicError(
+            "the serving benchmark drives HTTP load with wrk: apt-get install -y wrk "
+            "(or `make bench-serve`, which installs it)"
+        )
+    from checkpoints.policies import CheckpointStore
+    from serve.settings import load_serve_config, with_host_port
+
+    folder = Path(tempfile.mkdtemp(prefix="pipemedic-bench-serve-"))
+    store = os.environ.get("PIPEMEDIC_STORE_URI") or str(Path("store").resolve())
+    if CheckpointStore(store).promoted_version("hierarchical") is None:
+        store = _fresh_store(folder)
+    results: dict[str, Any] = {"store": store, "in_process": _in_process(store, repeats)}
+    single = json.dumps(snapshot()).encode()
+    batch = json.dumps({"requests": [snapshot(f"p{i}") for i in range(BATCH)]}).encode()
+
+    def measure(base: str) -> dict[str, Any]:
+        row = {}
+        wrk(base + "/v1/decide", single, connections=1, seconds=1, folder=folder)  # warm up
+        row["c1"] = wrk(base + "/v1/decide", single, connections=1, seconds=seconds, folder=folder)
+        row["c16"] = wrk(
+            base + "/v1/decide", single, connections=16, seconds=seconds, folder=folder
+        )
+        b = wrk(base + "/v1/decide/batch", batch, connections=2, seconds=seconds, folder=folder)
+        row["batch"] = {**b, "decisions_per_s": b["rps"] * BATCH}
+        return row
+
+    # Plain uvicorn in its own process, the same app code.
+    port = _free_port()
+    env = {**os.environ, "PIPEMEDIC_STORE_URI": store}
+    code = (
+        "import uvicorn\n"
+        "from serve.app import create_plain_app\n"
+        "from serve.settings import ServiceSettings\n"
+        f"uvicorn.run(create_plain_app(ServiceSettings(store_uri={store!r})), "
+        f"host='127.0.0.1', port={port}, log_level='warning', access_log=False)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}")
+        results["uvicorn"] = measure(f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    # Ray Serve: proxy and direct ingress in one deployment (the flag keeps the proxy running).
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    os.environ["PIPEMEDIC_STORE_URI"] = store
+    import ray
+    from ray import serve
+
+    from serve.launch import direct_ingress_urls, start
+
+    cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=_free_port())
+    cfg["applications"][0]["args"]["store_uri"] = store
+    try:
+        url = start(cfg)
+        _wait_http(url)
+        results["serve_proxy"] = measure(url)
+        direct = direct_ingress_urls(cfg["applications"][0]["name"], host="127.0.0.1")
+        if direct:
+            _wait_http(direct[0])
+            results["serve_direct"] = measure(direct[0])
+            results["serve_direct_url"] = direct[0]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
+def _fresh_store(folder: Path) -> str:
+    """No promoted policy here: publish a freshly initialised one of the default size."""
+    from agents.inference import fresh_nets, manifest_for, weights_of
+    from checkpoints.policies import CheckpointStore
+
+    root = str(folder / "store")
+    nets = fresh_nets("hierarchical", hidden=(256, 256))
+    store = CheckpointStore(root)
+    v = store.publish(
+        "hierarchical",
+        weights_of(nets),
+        run_id="bench-serve",
+        iteration=0,
+        pipeline_steps=0,
+        manifest=manifest_for("hierarchical", nets, {}),
+    )
+    store.promote("hierarchical", v, reason="bench serve: untrained policy")
+    return root
