@@ -299,8 +299,7 @@ def bench_serve_cmd(
     console.print(
         f"In process: decide p50 {ip['decide'][0]:.3f} ms, p99 {ip['decide'][1]:.3f} ms; "
         f"with JSON parse + serialise p50 {ip['decide_json'][0]:.3f} ms, p99 "
-        f"{ip['decide_json'][1]:.3f} ms; torch with 2 threads p50 "
-        f"{ip['decide_torch_2_threads'][0]:.3f} ms; batch of {BATCH}: "
+        f"{ip['decide_json'][1]:.3f} ms; batch of {BATCH}: "
         f"{ip['batch_decisions_per_s']:,.0f} decisions/s"
     )
     table = Table(title="HTTP (wrk, keep-alive)", title_justify="left")

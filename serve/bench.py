@@ -122,8 +122,6 @@ def wrk(url: str, body: bytes, *, connections: int, seconds: int, folder: Path) 
 
 
 def _in_process(store: str, repeats: int) -> dict[str, Any]:
-    import torch
-
     from serve import schemas
     from serve.decider import DecisionService
     from serve.settings import ServiceSettings
@@ -154,10 +152,6 @@ def _in_process(store: str, repeats: int) -> dict[str, Any]:
     )
     p50_batch, _ = timed(lambda: service.decide_many(batch.requests), max(10, repeats // 100))
     out["batch_decisions_per_s"] = BATCH / (p50_batch / 1000)
-    # Lever: torch intra-op threads (the service pins 1).
-    torch.set_num_threads(2)
-    out["decide_torch_2_threads"] = timed(lambda: service.decide(request), repeats)
-    torch.set_num_threads(1)
     return out
 
 

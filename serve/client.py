@@ -8,9 +8,10 @@
         ...  # carry it out, then:
     medic.feedback(decision["decision_id"], "resolved")
 
-Connection failures and 502/503/504 (an overloaded or restarting service) are retried with
-exponential backoff and jitter; 4xx answers are the caller's mistake and raise at once
-(``DecisionRequestError`` carries the fields the service named).
+Connection failures, timeouts and 408/500/502/503/504 (an overloaded or restarting service) are
+retried with exponential backoff and jitter; 4xx answers are the caller's mistake and raise at
+once (``DecisionRequestError`` carries the fields the service named). A timed-out request may
+still have been served: a retried feedback can then answer 404 (already recorded).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any
 
 import requests
 
-_RETRY_STATUS = frozenset({502, 503, 504})
+# 408: the proxy gave up waiting; 502/503/504: overloaded or restarting; 500: also retried,
+# because a replica dying mid-request is transient (a real bug then costs the retry budget).
+_RETRY_STATUS = frozenset({408, 500, 502, 503, 504})
 
 
 class DecisionRequestError(Exception):
@@ -81,7 +84,7 @@ class DecisionClient:
         for attempt in range(self.retries + 1):
             try:
                 r = self.session.request(method, self.url + path, json=body, timeout=self.timeout_s)
-            except requests.ConnectionError as exc:
+            except (requests.ConnectionError, requests.Timeout) as exc:
                 last = (None, str(exc))
             else:
                 if r.status_code < 400:

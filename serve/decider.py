@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import torch
 
 from agents.inference import LearnedPolicy
 from envs.catalogue import ACTION_ID, DOMAINS, SIM_ACTIONS, STAGES
@@ -139,8 +138,6 @@ class DecisionService:
         self._decisions: OrderedDict[str, _LoggedDecision] = OrderedDict()
         self._writers: dict[str, Any] = {}
         self._writer_lock = threading.Lock()
-        # One intra-op thread: a 2-layer MLP on one row is slower with more (thread hand-off).
-        torch.set_num_threads(1)
 
     # ------------------------------------------------------------------ policy lifecycle
     def _load_policy(self) -> LearnedPolicy:
