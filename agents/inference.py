@@ -160,6 +160,34 @@ def fresh_nets(
     return nets
 
 
+def publish_nets(
+    kind: str,
+    nets: dict[str, PolicyValueNet],
+    *,
+    root: str | None,
+    run_id: str,
+    iteration: int,
+    promote_reason: str | None = None,
+) -> int:
+    """Store ``nets`` as a new version of ``kind`` in the checkpoints table (promoted when a
+    reason is given); returns the version. For policies made outside training: a fresh policy
+    to serve before any training, the tests' hand-set ones."""
+    from checkpoints.policies import CheckpointStore
+
+    store = CheckpointStore(root)
+    version = store.publish(
+        kind,
+        weights_of(nets),
+        run_id=run_id,
+        iteration=iteration,
+        pipeline_steps=0,
+        manifest=manifest_for(kind, nets, {"run_id": run_id}),
+    )
+    if promote_reason is not None:
+        store.promote(kind, version, reason=promote_reason)
+    return version
+
+
 @dataclass
 class Decision:
     """Decisions for a batch of pipelines (arrays of shape (n,) unless noted)."""

@@ -230,19 +230,16 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
 
 def _fresh_store(folder: Path) -> str:
     """No promoted policy here: publish a freshly initialised one of the default size."""
-    from agents.inference import fresh_nets, manifest_for, weights_of
-    from checkpoints.policies import CheckpointStore
+    from agents.inference import fresh_nets, publish_nets
 
     root = str(folder / "store")
     nets = fresh_nets("hierarchical", hidden=(256, 256))
-    store = CheckpointStore(root)
-    v = store.publish(
+    publish_nets(
         "hierarchical",
-        weights_of(nets),
+        nets,
+        root=root,
         run_id="bench-serve",
         iteration=0,
-        pipeline_steps=0,
-        manifest=manifest_for("hierarchical", nets, {}),
+        promote_reason="bench serve: untrained policy",
     )
-    store.promote("hierarchical", v, reason="bench serve: untrained policy")
     return root

@@ -60,11 +60,12 @@ def decision_service(ray_session, tmp_path_factory):
 
     from serve.launch import start
     from serve.settings import load_serve_config, with_host_port
+    from tests.prometheus import free_port
     from tests.serve_helpers import biased_nets, publish_and_promote
 
     store = str(tmp_path_factory.mktemp("serve-store"))
     publish_and_promote(store, biased_nets(logit=3.0), iteration=1)
-    cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=_free_port())
+    cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=free_port())
     app = cfg["applications"][0]
     app["args"].update(store_uri=store, policy_poll_s=0.5, feedback_flush_s=0.5)
     app["deployments"][0].update(
@@ -84,11 +85,3 @@ def decision_service(ray_session, tmp_path_factory):
         app_name=app["name"],
     )
     serve.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -29,7 +30,7 @@ class PrometheusServer:
                 "prometheus), or run: apt-get install -y --no-install-recommends prometheus"
             )
         self.folder, self.binary, self.target = Path(folder), binary, target
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
 
     def __enter__(self) -> PrometheusServer:
         config = self.folder / "prometheus.yml"

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from agents.inference import (
-    LearnedPolicy,
-    fresh_nets,
-    manifest_for,
-    weights_of,
-)
-from checkpoints.policies import CheckpointStore
+from agents.inference import LearnedPolicy, fresh_nets, manifest_for, publish_nets
 from envs.catalogue import MASTER_ACTIONS
 from envs.observation import LAYOUTS, STAGES
 
@@ -37,17 +31,14 @@ def policy_of(nets, version: str = "hierarchical:test") -> LearnedPolicy:
 
 
 def publish_and_promote(root: str, nets, *, iteration: int, run_id: str = "serve-test") -> int:
-    store = CheckpointStore(root)
-    version = store.publish(
+    return publish_nets(
         "hierarchical",
-        weights_of(nets),
+        nets,
+        root=root,
         run_id=run_id,
         iteration=iteration,
-        pipeline_steps=0,
-        manifest=manifest_for("hierarchical", nets, {"run_id": run_id}),
+        promote_reason="serving test",
     )
-    store.promote("hierarchical", version, reason="serving test")
-    return version
 
 
 def snapshot(pipeline_id: str = "orders-etl", **overrides) -> dict:
