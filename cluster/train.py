@@ -511,6 +511,10 @@ def main(
     out: Annotated[Path | None, typer.Option(help="run folder (default STORE/runs/KIND)")] = None,
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints in --out, start over")] = False,
     iterations: Annotated[int | None, typer.Option(help="stop after this many")] = None,
+    env_runners: Annotated[
+        int | None,
+        typer.Option(min=0, help="override ppo.env_runners (a cluster sizes this to its CPUs)"),
+    ] = None,
     promote: Annotated[
         bool, typer.Option(help="promote the selected version in the checkpoints table")
     ] = True,
@@ -520,6 +524,10 @@ def main(
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files
     try:
         cfg = load_train_config(config, kind=kind)
+        if env_runners is not None:
+            cfg = cfg.model_copy(
+                update={"ppo": cfg.ppo.model_copy(update={"env_runners": env_runners})}
+            )
         run_dir = out or local_store_dir() / "runs" / cfg.kind
         summary = train(
             cfg, run_dir, fresh=fresh, promote=promote, console=console, max_iterations=iterations
