@@ -6,6 +6,7 @@
     pipemedic bench sim | train | store
     pipemedic checkpoints list | show | promote | rollback | promoted
     pipemedic experience record | stats | compact | vacuum
+    pipemedic cluster render | apply | status | delete   (KubeRay)
     pipemedic serve [--host --port]                       (the decision endpoint on Ray Serve)
     pipemedic bench serve
     pipemedic demo
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cluster.cluster_cli import cluster_app
 from cluster.store_cli import checkpoints_app, experience_app, fmt_optional
 from envs.errors import PipemedicError
 
@@ -41,6 +43,7 @@ app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(bench_app, name="bench")
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(experience_app, name="experience")
+app.add_typer(cluster_app, name="cluster")
 # Piped output (CI logs, `| tee`) is not clipped to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, soft_wrap=True)

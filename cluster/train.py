@@ -27,7 +27,8 @@ and in the Delta store (``checkpoints/``, under ``PIPEMEDIC_STORE_URI``): every 
 as a new version in the checkpoints table, with its validation score and held-out metrics; at
 the end the selected version is *promoted* (what ``--policy KIND`` and serving load; skip with
 ``--no-promote``). With ``experience.enabled`` the env runners also append samples of their
-transitions to the experience table.
+transitions to the experience table. The figures of ``metrics.jsonl`` are also exported as
+Prometheus gauges on Ray's metrics port (``cluster.train_metrics`` lists their names).
 
 Killing the job and starting it again with the same ``--out`` resumes from the latest
 checkpoint (``--fresh`` starts over); the run keeps its run id, so no version is published twice.
@@ -258,6 +259,7 @@ def train(
     """Train until the budget in ``cfg.stop`` (or ``max_iterations``); return a summary."""
     from checkpoints.policies import CheckpointStore
     from cluster.ray_runtime import ensure_ray
+    from cluster.train_metrics import TrainingMetrics
 
     console = console or Console(stderr=True, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +284,7 @@ def train(
     store = CheckpointStore()
     ensure_ray()
     algo = build_ppo_config(cfg, run_id=run_id).build_algo()
+    gauges = TrainingMetrics(kind=cfg.kind, run_id=run_id)
     state = {
         "run_id": run_id,
         "started_at": time.time(),
@@ -311,6 +314,7 @@ def train(
         _review(algo, cfg, out, state, record, console, store, prefix="after warm start:")
         with metrics_file.open("a") as f:
             f.write(json.dumps(record, default=_plain) + "\n")
+        gauges.record(record)
 
     deadline = time.monotonic() + cfg.stop.minutes * 60 - state["train_seconds"]
     target = cfg.stop.validation_score
@@ -357,6 +361,7 @@ def train(
                 reached = target is not None and record["validation_score"] <= target
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=_plain) + "\n")
+            gauges.record(record)
             top_return = record["return_per_pipeline"].get(AGENTS_OF_KIND[cfg.kind][0])
             shown = "-" if top_return is None else f"{top_return:.1f}"  # no episode ended
             status = (
@@ -383,6 +388,7 @@ def train(
         _review(algo, cfg, out, state, record, console, store, prefix="final:")
         with metrics_file.open("a") as f:
             f.write(json.dumps(record, default=_plain) + "\n")
+        gauges.record(record)
     _save_checkpoint(algo, out, state)
     algo.stop()
     summary = {**state, "bundle": str(bundle_dir)}

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from envs.errors import ConfigError
 
-DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serve.yaml"
+# Relative to the working folder, like every config path of the CLI: an installed copy of the
+# package (the container image) has no configs/ next to its modules.
+DEFAULT_SERVE_CONFIG = Path("configs/serve.yaml")
 TOKEN_ENV = "PIPEMEDIC_API_TOKEN"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DESTRUCTIVE_ACTIONS = ("restart_stage", "rollback_model", "replay_from_backup")
