@@ -229,7 +229,7 @@ def freeze_startup_heap() -> None:
     """Move everything allocated so far (torch, Ray, the policy: a large heap) out of the
     garbage collector's reach. Otherwise each full collection walks it all while a request
     waits: measured with wrk at one connection on plain uvicorn, p99 104-196 ms before,
-    2.8-7.7 ms after (see the README, "Serving latency")."""
+    2.8-14.6 ms after (median 7.2) (see the README, "Serving latency")."""
     gc.collect()
     gc.freeze()
 
