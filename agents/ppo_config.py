@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.experience_logging import ExperienceLoggingConfig
 from agents.inference import AGENTS_OF_KIND
 from agents.warm_start import WarmStartConfig
-from envs.errors import ConfigError
+from envs.config_files import load_model
 from envs.multi_agent_env import EnvConfig, RandomTraining, RewardWeights, module_of
 from envs.params import load_sim_params
 from envs.scenario import load_scenario
@@ -99,19 +98,7 @@ class TrainConfig(_Strict):
 
 def load_train_config(path: str | Path, **overrides) -> TrainConfig:
     """Read and validate a training config; ``overrides`` replace top-level keys (e.g. kind)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"training config {path} not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+    return load_model(path, TrainConfig, what="training config", overrides=overrides)
 
 
 def build_ppo_config(cfg: TrainConfig, *, run_id: str | None = None):

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cluster.cli_output import console, err_console, fail
 from cluster.cluster_cli import cluster_app
 from cluster.store_cli import checkpoints_app, experience_app, fmt_optional
 from envs.errors import PipemedicError
@@ -44,17 +44,9 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(experience_app, name="experience")
 app.add_typer(cluster_app, name="cluster")
-# Piped output (CI logs, `| tee`) is not clipped to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 150)
-err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_POLICIES = "runbook,oncall,oracle"
 DEMO_POLICIES = "hierarchical,flat,runbook,oncall,oracle"
-
-
-def _fail(exc: PipemedicError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -94,7 +86,7 @@ def evaluate(
             per_scenario=per_scenario,
         )
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _held_out_files(train_config: Path) -> list[Path]:
@@ -206,7 +198,7 @@ def scenarios_check(
     try:
         scenarios = load_scenarios(path)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"{len(scenarios)} valid scenarios in {path}", title_justify="left")
     for col in ("name", "steps", "faults", "random faults/h"):
         table.add_column(col)
@@ -296,7 +288,7 @@ def bench_serve_cmd(
     try:
         r = bench_serve(seconds=seconds)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     ip = r["in_process"]
     console.print(f"Policy {ip['policy']} from {r['store']}")
     console.print(
@@ -362,7 +354,7 @@ def bench_warm_start_cmd(
     try:
         r = bench_warm_start(str(config), kind=kind, record_steps=record_steps, seed=seed)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(
         title=f"Time to validation score {r['target_validation_score']:.2f} ({config}, {kind})",
         title_justify="left",
@@ -423,7 +415,7 @@ def train(
             cfg, out or local_store_dir() / "runs" / cfg.kind, fresh=fresh, console=err_console
         )
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(
         f"Trained {cfg.kind}: {summary['pipeline_steps']:,} pipeline steps in "
         f"{summary['train_seconds']:.0f} s; policy at {summary.get('promoted', summary['bundle'])}"
@@ -455,7 +447,7 @@ def bench_train(
                 f"{res['min_iteration_steps_per_s']:,.0f} – {res['max_iteration_steps_per_s']:,.0f}",
             )
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(table)
 
 
@@ -496,7 +488,7 @@ def serve_cmd(
         console.print("  docs: /docs   OpenAPI: /openapi.json   metrics: /metrics")
         start(cfg, blocking=True)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @app.command()
@@ -540,7 +532,7 @@ def demo(
             per_scenario=False,
         )
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def main() -> None:

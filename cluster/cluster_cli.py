@@ -6,23 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cluster.cli_output import console, fail
 from envs.errors import PipemedicError
 
 cluster_app = typer.Typer(
     no_args_is_help=True, help="KubeRay: RayJob (training), RayService (serving)."
 )
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
 
 Profile = Annotated[str, typer.Option(help="Profile of configs/cluster.yaml (dev or prod).")]
 ConfigPath = Annotated[Path, typer.Option("--config", help="Cluster config.")]
-
-
-def _fail(exc: PipemedicError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 def _rendered(config: Path, profile: str) -> list[dict]:
@@ -47,7 +40,7 @@ def render_cmd(
     try:
         paths = write(_rendered(config, profile), out / profile)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     for p in paths:
         console.print(f"wrote {p}")
 
@@ -83,7 +76,7 @@ def apply_cmd(
             )
             console.print(f"{s.kind}/{s.name} is ready")
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @cluster_app.command("status")
@@ -97,7 +90,7 @@ def status_cmd(profile: Profile = "dev", config: ConfigPath = Path("configs/clus
             s = kube.status(api, m)
             console.print(f"{s.kind}/{s.name}: {s.state} ({s.detail})")
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @cluster_app.command("delete")
@@ -109,4 +102,4 @@ def delete_cmd(profile: Profile = "dev", config: ConfigPath = Path("configs/clus
         for line in kube.delete(kube.custom_objects_api(), _rendered(config, profile)):
             console.print(f"deleted {line}")
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)

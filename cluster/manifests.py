@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from envs.config_files import load_model
 from envs.errors import ConfigError
 from serve.settings import load_serve_config, with_host_port
 
@@ -121,16 +122,7 @@ class ClusterConfig(_Strict):
 
 
 def load_cluster_config(path: str | Path | None = None) -> ClusterConfig:
-    path = Path(path or DEFAULT_CLUSTER_CONFIG)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the cluster config: {exc}") from exc
-    try:
-        return ClusterConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+    return load_model(path or DEFAULT_CLUSTER_CONFIG, ClusterConfig, what="the cluster config")
 
 
 # ---------------------------------------------------------------------- rendering

@@ -18,26 +18,18 @@ The store is ``PIPEMEDIC_STORE_URI`` (default ``./store``).
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_output import console, fail
 from envs.errors import PipemedicError
 
 checkpoints_app = typer.Typer(no_args_is_help=True, help="Policy versions in the Delta store.")
 experience_app = typer.Typer(no_args_is_help=True, help="The experience table in the Delta store.")
-console = Console(width=None if sys.stdout.isatty() else 150)
-err_console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 def _store():
@@ -54,7 +46,7 @@ def checkpoints_list(
     try:
         versions = _store().list_versions(kind)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"{len(versions)} policy versions", title_justify="left")
     for col in ("kind", "version", "promoted", "run", "iteration", "pipeline steps", "created"):
         table.add_column(col)
@@ -90,7 +82,7 @@ def checkpoints_show(
     try:
         policy = _store().load(kind, version)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     from checkpoints.policies import sha256_hex
 
     console.print(
@@ -139,7 +131,7 @@ def checkpoints_import(
         if promote:
             store.promote(kind, version, reason=f"imported from {bundle}")
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(
         f"published {bundle} as {kind}:v{version}" + (" and promoted it" if promote else "")
     )
@@ -155,7 +147,7 @@ def checkpoints_promote(
     try:
         _store().promote(kind, version, reason=reason)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"promoted {kind}:v{version}")
 
 
@@ -171,7 +163,7 @@ def checkpoints_rollback(
     try:
         version = _store().rollback(kind, to=to, reason=reason)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"rolled back {kind} to v{version}")
 
 
@@ -186,7 +178,7 @@ def checkpoints_promoted(
     try:
         version = _store().promoted_version(kind, at=at)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     when = at.isoformat() if at else "now"
     console.print(f"{kind} at {when}: " + (f"v{version}" if version else "nothing promoted"))
 
@@ -216,7 +208,7 @@ def experience_record(
         with ExperienceWriter(run_id=f"record-{policy}-{seed}", source="sim") as writer:
             used = record_episodes(cfg.env_config(), policy, writer, steps=steps, seed=seed)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(
         f"recorded {writer.rows_written:,} transitions of {policy} ({used:,} pipeline steps) in "
         f"{time.perf_counter() - started:.1f} s to {writer.uri}"
@@ -231,7 +223,7 @@ def experience_stats() -> None:
     try:
         s = stats()
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(
         f"{s['uri']}: version {s['version']}, {s['rows']:,} transitions in {s['files']} files "
         f"({s['bytes'] / 1e6:,.1f} MB), days {s['first_date']} .. {s['last_date']}"
@@ -254,7 +246,7 @@ def experience_compact(
     try:
         result = compact(target_file_mb=target_file_mb)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(
         f"compacted: {result['numFilesRemoved']} files rewritten as {result['numFilesAdded']}"
     )
@@ -279,6 +271,6 @@ def experience_vacuum(
             console.print(f"expired {expire(keep_days=keep_days):,} transitions")
         files = vacuum(retain_hours=retain_hours, dry_run=dry_run)
     except PipemedicError as exc:
-        _fail(exc)
+        fail(exc)
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} {len(files)} files")

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from envs.catalogue import SIM_ACTIONS, STAGES
-from envs.errors import ConfigError
+from envs.config_files import load_model
 
 STEP_SECONDS = 10.0
 """One simulator step is 10 simulated seconds (DESIGN.md)."""
@@ -123,12 +122,4 @@ def load_sim_params(path: str | Path | None = None) -> SimParams:
     """Load simulator parameters from a YAML file; ``None`` gives the documented defaults."""
     if path is None:
         return SimParams()
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read simulator parameters: {exc}") from exc
-    try:
-        return SimParams.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid simulator parameters:\n{exc}") from exc
+    return load_model(path, SimParams, what="simulator parameters")

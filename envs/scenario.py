@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from envs.catalogue import DEFAULT_TOPOLOGY, FAULT_STAGES, FAULT_TYPES, MODEL_STAGE, STAGES
+from envs.config_files import load_model
 from envs.errors import ScenarioError
 
 # Faults that come and go by themselves; the random generator gives them a duration.
@@ -127,30 +127,9 @@ class Scenario(_Strict):
         return self
 
 
-def _format_validation_error(path: Path, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {loc}: {msg}")
-    return "\n".join(lines)
-
-
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate one scenario file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read scenario file: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ScenarioError(f"{path}: a scenario file must be a mapping of keys to values")
-    try:
-        return Scenario.model_validate(raw)
-    except ValidationError as exc:
-        raise ScenarioError(_format_validation_error(path, exc)) from None
+    return load_model(path, Scenario, what="scenario file", error=ScenarioError, allow_empty=False)
 
 
 def load_scenarios(path: str | Path) -> list[Scenario]:

@@ -71,7 +71,8 @@ def snapshot(pipeline_id: str = "bench-pipeline") -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -185,7 +186,7 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
         return row
 
     # Plain uvicorn in its own process, the same app code.
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PIPEMEDIC_STORE_URI": store}
     code = (
         "import uvicorn\n"
@@ -211,7 +212,7 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
 
     from serve.launch import direct_ingress_urls, start
 
-    cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=_free_port())
+    cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=free_port())
     cfg["applications"][0]["args"]["store_uri"] = store
     try:
         url = start(cfg)

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -459,12 +459,7 @@ def to_telemetry(
             raise DecisionError(422, str(exc), f"drift[{k}]") from exc
         scores.append(
             schemas.DriftScore(
-                feature=item.feature,
-                stage=item.stage,
-                target=item.target,
-                psi=s.psi,
-                ks=s.ks,
-                ks_pvalue=s.ks_pvalue,
+                feature=item.feature, stage=item.stage, target=item.target, **asdict(s)
             )
         )
     # Computed scores fill in what the request did not report itself; the worst one counts.

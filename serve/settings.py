@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from envs.config_files import read_mapping, validated
 from envs.errors import ConfigError
 
 # Relative to the working folder, like every config path of the CLI: an installed copy of the
@@ -99,26 +99,17 @@ class ServiceSettings(BaseModel):
 
 
 def service_settings(raw: dict[str, Any] | None, *, where: str = "serve config") -> ServiceSettings:
-    try:
-        return ServiceSettings.model_validate(raw or {})
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: invalid service settings:\n{exc}") from exc
+    return validated(ServiceSettings, raw or {}, where=where)
 
 
 def guardrails(raw: dict[str, Any] | None, *, where: str = "user_config") -> Guardrails:
-    try:
-        return Guardrails.model_validate(raw or {})
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: invalid guardrails:\n{exc}") from exc
+    return validated(Guardrails, raw or {}, where=where)
 
 
 def load_serve_config(path: str | Path | None = None) -> dict[str, Any]:
     """The Serve config file as a dict, with the decision application's settings checked."""
     path = Path(path or DEFAULT_SERVE_CONFIG)
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the Serve config: {exc}") from exc
+    config = read_mapping(path, what="the Serve config")
     apps = config.get("applications") or []
     if len(apps) != 1:
         raise ConfigError(f"{path}: expected exactly one application, found {len(apps)}")

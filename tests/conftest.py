@@ -58,9 +58,9 @@ def decision_service(ray_session, tmp_path_factory):
 
     from ray import serve
 
+    from serve.bench import free_port
     from serve.launch import start
     from serve.settings import load_serve_config, with_host_port
-    from tests.prometheus import free_port
     from tests.serve_helpers import biased_nets, publish_and_promote
 
     store = str(tmp_path_factory.mktemp("serve-store"))
