@@ -98,6 +98,64 @@ class OraclePolicy:
         return actions, targets
 
 
+class OracleCapacityPolicy(OraclePolicy):
+    """The oracle's diagnosis plus the capacity management any SRE does: a teacher, not a bound.
+
+    The oracle cures faults but never adds capacity, so a backlog left by a surge or a slow
+    stage drains at the old pace while SLOs stay breached. This policy applies the oracle's
+    cure when a fault is waiting for one; otherwise, while observed SLOs are breached and a
+    stage has a backlog, it scales out the stage with the longest wait (cooling down
+    ``COOLDOWN_STEPS['scale_out']`` steps per stage); when all is healthy it gives back replicas
+    that sit idle, with the runbook's thresholds. Training imitates it (``warm_start.teacher``).
+    """
+
+    name = "oracle_capacity"
+
+    def __init__(self, thresholds: RunbookThresholds | None = None):
+        self.th = thresholds or RunbookThresholds()
+
+    def reset(self, ctx: EpisodeContext) -> None:
+        super().reset(ctx)
+        self.last_stage: np.ndarray | None = None
+        self.last_pipeline: np.ndarray | None = None
+        self.ready_at = np.zeros((ctx.n, len(ctx.topology)), dtype=np.int64)
+
+    def act(
+        self, tel: Telemetry, truth: GroundTruth | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        actions, targets = super().act(tel, truth)
+        if tel is None:
+            raise ValueError("oracle_capacity needs the telemetry as well as the ground truth")
+        self.last_stage = _fill_missing(tel.stage, self.last_stage)
+        self.last_pipeline = _fill_missing(tel.pipeline, self.last_pipeline)
+        breached = _slo_breached(self.ctx, self.last_pipeline)
+        queue = self.last_stage[:, :, STAGE_INDEX["queue"]]
+        inflow = self.last_stage[:, :, STAGE_INDEX["throughput_in_rps"]]
+        out = self.last_stage[:, :, STAGE_INDEX["throughput_out_rps"]]
+        replicas = self.last_stage[:, :, STAGE_INDEX["replicas"]]
+        cpu = self.last_stage[:, :, STAGE_INDEX["cpu"]]
+        backlog = queue > self.th.queue_s * np.maximum(inflow, 1.0)
+        wait = queue / np.maximum(out, 1.0)
+        free = actions == OBSERVE
+        params = self.ctx.params
+        for b in np.flatnonzero(free):
+            if breached[b] and backlog[b].any():
+                room = backlog[b] & (replicas[b] < params.max_replicas)
+                room &= self.ready_at[b] <= tel.step
+                if room.any():
+                    s = int(np.argmax(np.where(room, wait[b], -np.inf)))
+                    actions[b], targets[b] = ACTION_ID["scale_out"], s
+                    self.ready_at[b, s] = tel.step + COOLDOWN_STEPS["scale_out"]
+            elif not breached[b] and not backlog[b].any():
+                idle = (replicas[b] > params.replicas) & (cpu[b] < self.th.cpu_cold)
+                idle &= self.ready_at[b] <= tel.step
+                if idle.any():
+                    s = int(np.argmax(idle))
+                    actions[b], targets[b] = ACTION_ID["scale_in"], s
+                    self.ready_at[b, s] = tel.step + COOLDOWN_STEPS["scale_in"]
+        return actions, targets
+
+
 @dataclass(frozen=True)
 class RunbookThresholds:
     """The thresholds of the runbook, as an SRE would set them on the dashboards."""
@@ -378,3 +436,4 @@ def _fill_missing(values: np.ndarray, last: np.ndarray | None) -> np.ndarray:
 register_policy("oncall", OncallPolicy)
 register_policy("runbook", RunbookPolicy)
 register_policy("oracle", OraclePolicy)
+register_policy("oracle_capacity", OracleCapacityPolicy)

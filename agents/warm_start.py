@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.baselines import OraclePolicy
 from agents.networks import PolicyValueNet
 from agents.policy import EpisodeContext, make_policy
 from envs.catalogue import (
@@ -81,6 +80,10 @@ class WarmStartConfig(BaseModel):
     experience_rows: int = Field(
         2_000_000, ge=1, description="source: experience — at most this many transitions"
     )
+    teacher: Literal["oracle", "oracle_capacity"] = Field(
+        "oracle",
+        description="whom to imitate: the oracle's cures, or those plus capacity management",
+    )
     from_bundle: str | None = Field(
         None, description="start from this policy bundle's weights instead of imitating"
     )
@@ -120,10 +123,14 @@ class _Samples:
         return out
 
 
-def _domain_labels(env: PipelineMedicEnv) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _domain_labels(
+    env: PipelineMedicEnv, teach_action: np.ndarray, teach_slot: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per domain: the best cure (sim action, slot) of the oldest active fault of that domain in
     each pipeline, cure under way or not; ``observe`` where the domain has no active fault.
-    This is what a specialist should answer if asked now."""
+    This is what a specialist should answer if asked now. Where the teacher's own choice
+    this step belongs to a domain (a cure, or capacity it adds), that domain's label is the
+    teacher's choice."""
     truth = env.sim.ground_truth()
     labels = {}
     for d in DOMAINS:
@@ -139,6 +146,10 @@ def _domain_labels(env: PipelineMedicEnv) -> dict[str, tuple[np.ndarray, np.ndar
             on_model = cure.target == "model"
             slot[i] = MODEL_SLOT if on_model else env.encoder.slots[truth.stages[i, k]]
         labels[d] = (action, slot)
+    for i, a in enumerate(teach_action):
+        d = ACTION_DOMAIN.get(SIM_ACTIONS[a])
+        if d is not None:
+            labels[d][0][i], labels[d][1][i] = a, teach_slot[i]
     return labels
 
 
@@ -175,6 +186,7 @@ def collect(
     seed: int,
     round_id: int = 0,
     observe_keep: float = 0.1,
+    teacher: str = "oracle",
 ) -> tuple[dict[str, _Samples], int]:
     """Run episodes in the training environment; return labelled samples and the number of
     simulated pipeline steps used.
@@ -186,7 +198,7 @@ def collect(
     """
     env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
     rng = np.random.default_rng(seed)
-    oracle = OraclePolicy()
+    oracle = make_policy(teacher)
     samples: dict[str, _Samples] = defaultdict(_Samples)
     last_index: dict[str, int] = {}
     used, episode = 0, 0
@@ -200,10 +212,10 @@ def collect(
             actions = {}
             if any(split_agent_id(a)[0] == top for a in obs):
                 used += env.k
-                teach_action, teach_stage = oracle.act(None, env.sim.ground_truth())
+                teach_action, teach_stage = oracle.act(env.telemetry, env.sim.ground_truth())
                 teach_slot = env.encoder.slots[teach_stage]
                 follow_teacher = rng.random(env.k) < teacher_share
-                domain = _domain_labels(env) if top == MASTER else {}
+                domain = _domain_labels(env, teach_action, teach_slot) if top == MASTER else {}
                 for d, (action, slot) in domain.items():
                     _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
                 labels = _teacher_labels(env, teach_action, teach_slot, top)
@@ -360,6 +372,7 @@ def warm_start(
             pipelines=cfg.pipelines,
             seed=seed * 1000 + r,
             round_id=r,
+            teacher=cfg.teacher,
         )
         total += used
         for role, s in data.items():  # DAgger: train on everything collected so far

@@ -65,3 +65,47 @@ def test_oncall_pages_a_human_only_when_slos_break():
         aggregate(rollout(make_policy("oncall"), noisy, episode_seeds(noisy, 0, 3)))["escalations"]
         >= 1
     )
+
+
+def test_oracle_capacity_scales_out_through_a_surge_and_gives_the_replicas_back():
+    """A traffic burst is no fault: the oracle has nothing to cure and lets the backlog breach
+    the SLOs, while ``oracle_capacity`` adds replicas where the queue is, keeps more steps
+    within SLO, and scales back in once the burst is over."""
+    from envs.catalogue import ACTION_ID
+    from envs.scenario import Scenario
+
+    scenario = Scenario.model_validate(
+        {
+            "name": "burst-only",
+            "duration_steps": 160,
+            "load": {"pattern": "flat", "bursts": [{"at": 20, "factor": 2.5, "duration": 40}]},
+        }
+    )
+    seeds = episode_seeds(scenario, 0, 3)
+    slo = {
+        p: aggregate(rollout(make_policy(p), scenario, seeds))["slo_adherence"]
+        for p in ("oracle", "oracle_capacity")
+    }
+    assert slo["oracle_capacity"] > slo["oracle"] + 0.05, slo
+
+    sim = PipelineSim(scenario, n=1)
+    telemetry = sim.reset([seeds[0]])
+    teacher = make_policy("oracle_capacity")
+    teacher.reset(EpisodeContext(n=1, topology=scenario.topology, params=sim.params))
+    taken = []
+    for _ in range(scenario.duration_steps):
+        action, stage = teacher.act(telemetry, sim.ground_truth())
+        taken.append(int(action[0]))
+        telemetry = sim.step(action, stage)
+    first_out = taken.index(ACTION_ID["scale_out"])
+    assert 20 <= first_out < 60, "scales out during the burst, not before"
+    assert ACTION_ID["scale_in"] in taken[first_out:], "gives the replicas back afterwards"
+
+
+def test_oracle_capacity_cures_first_like_the_oracle():
+    scenario = load_scenario(LIBRARY / "memory-leak.yaml")
+    seeds = episode_seeds(scenario, 0, 3)
+    oracle = aggregate(rollout(make_policy("oracle"), scenario, seeds))
+    teacher = aggregate(rollout(make_policy("oracle_capacity"), scenario, seeds))
+    assert teacher["mttr_s"] == oracle["mttr_s"]
+    assert teacher["unresolved_pct"] == 0.0

@@ -26,13 +26,20 @@ def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
     env = PipelineMedicEnv(EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=2))
     env.reset(seed=0)
     env.step({"master/0": 3, "master/1": 3})  # observe: the fault is now active
-    labels = _domain_labels(env)
+    teacher_observes = np.full(2, ACTION_ID["observe"]), np.zeros(2, dtype=np.int64)
+    labels = _domain_labels(env, *teacher_observes)
     stage = STAGES.index(scenario.faults[0].stage)
     action, slot = labels["infra"]
     assert (action == ACTION_ID[best_cure("memory_leak").action]).all()
     assert (slot == stage).all() and stage == 2
     for quiet in ("drift", "quality"):
         assert (labels[quiet][0] == ACTION_ID["observe"]).all()
+    # A capacity action the teacher takes (no fault of that domain behind it) labels its
+    # domain's specialist in that pipeline only.
+    scale_out = np.array([ACTION_ID["observe"], ACTION_ID["scale_out"]]), np.array([0, 3])
+    labels = _domain_labels(env, *scale_out)
+    assert labels["infra"][0][1] == ACTION_ID["scale_out"] and labels["infra"][1][1] == 3
+    assert labels["infra"][0][0] == ACTION_ID[best_cure("memory_leak").action]
 
 
 def test_teacher_episodes_label_the_master_with_the_right_delegation():
