@@ -15,7 +15,7 @@ stored checkpoint, ``train:RUN:ITERATION`` while training, or a baseline's name 
 
 The table is partitioned by ``source`` and ``date``, the two filters replay almost always uses
 (only simulated data; the last week), so a filtered read opens only the files it needs.
-``ExperienceWriter`` appends in batches through ``checkpoints.storage.append_batch`` (each batch
+``ExperienceWriter`` appends in batches through ``checkpoints.storage.append_files`` (each batch
 exactly once, however often it is retried); ``ReplaySampler`` reads filtered slices.
 """
 
@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import ColumnProperties, WriterProperties
 
-from checkpoints.storage import append_batch, ensure_table, is_remote, open_table, table_uri
+from checkpoints.storage import append_files, ensure_table, is_remote, open_table, table_uri
 from envs.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -77,16 +77,19 @@ REQUIRED = ("episode", "step", "agent", "observation", "action", "reward", "poli
 # dictionary encoding and page statistics only cost time; compression halves the files but
 # costs about a third of the append rate, so it is left to compaction time (`compact`
 # rewrites files with ZSTD). Scalar columns keep their statistics, which filters use to skip
-# files; larger pages mean fewer page headers per list column.
+# row groups; larger pages mean fewer page headers per list column. Appends encode
+# ``FILES_PER_PARTITION`` files at once (``checkpoints.storage.append_files``).
 _LIST_COLUMNS = ("observation", "next_observation", "action_mask")
+_SCALAR_COLUMNS = [f.name for f in SCHEMA if f.name not in _LIST_COLUMNS + tuple(PARTITION_BY)]
+PARQUET_OPTIONS = {
+    "compression": "NONE",
+    "use_dictionary": False,
+    "write_statistics": _SCALAR_COLUMNS,
+    "data_page_size": 8 << 20,
+    "write_batch_size": 8192,
+}
+FILES_PER_PARTITION = max(2, min(4, os.cpu_count() or 1))
 _PLAIN = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
-WRITER_PROPERTIES = WriterProperties(
-    compression="UNCOMPRESSED",
-    data_page_size_limit=8 << 20,
-    write_batch_size=8192,
-    default_column_properties=ColumnProperties(dictionary_enabled=False),
-    column_properties={f"{c}.list.element": _PLAIN for c in _LIST_COLUMNS},
-)
 COMPACT_PROPERTIES = WriterProperties(
     compression="ZSTD",
     compression_level=3,
@@ -201,7 +204,7 @@ def _list_array(rows, dtype, name: str, n: int) -> pa.Array:
 
 # ---------------------------------------------------------------------- writing
 class ExperienceWriter:
-    """Appends transitions in batches; each batch lands exactly once (see ``append_batch``).
+    """Appends transitions in batches; each batch lands exactly once (see ``append_files``).
 
     ``add`` buffers; a batch is written when ``flush_rows`` rows are buffered, on ``flush()``
     and on leaving a ``with`` block. Each writer has its own id (host, process, random suffix),
@@ -216,6 +219,7 @@ class ExperienceWriter:
         uri: str | None = None,
         writer_id: str | None = None,
         flush_rows: int = 100_000,
+        files_per_partition: int = FILES_PER_PARTITION,
     ):
         if source not in SOURCES:
             raise StorageError(f"source must be one of {SOURCES}, got {source!r}")
@@ -226,6 +230,7 @@ class ExperienceWriter:
             f"experience/{run_id}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
         self.flush_rows = flush_rows
+        self.files_per_partition = files_per_partition
         self.batches_written = 0
         self.rows_written = 0
         self._buffer: list[pa.Table] = []
@@ -248,13 +253,15 @@ class ExperienceWriter:
 
     def write_batch(self, data: pa.Table, *, batch: int) -> bool:
         """Append one prepared batch under this writer's id (idempotent on ``batch``)."""
-        written = append_batch(
+        written = append_files(
             self.uri,
             data,
             writer_id=self.writer_id,
             batch=batch,
+            schema=SCHEMA,
             partition_by=PARTITION_BY,
-            writer_properties=WRITER_PROPERTIES,
+            parquet_options=PARQUET_OPTIONS,
+            files_per_partition=self.files_per_partition,
         )
         self.batches_written = max(self.batches_written, batch + 1)
         if written:

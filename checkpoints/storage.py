@@ -24,9 +24,17 @@ import logging
 import os
 import random
 import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import (
     CommitFailedError,
@@ -34,6 +42,8 @@ from deltalake.exceptions import (
     SchemaMismatchError,
     TableNotFoundError,
 )
+from deltalake.fs import DeltaStorageHandler
+from deltalake.transaction import AddAction
 
 from envs.errors import StorageError
 
@@ -131,15 +141,97 @@ def append_batch(
     attempts: int = 10,
     base_delay_s: float = 0.05,
 ) -> bool:
-    """Append ``data`` as batch number ``batch`` of ``writer_id``, at most once.
+    """Append ``data`` as batch number ``batch`` of ``writer_id``, at most once, through
+    delta-rs's writer.
 
     Batch numbers of one writer must increase. Returns True if this call committed the rows,
     False if the table already held that batch (an earlier attempt went in). Raises
     ``StorageError`` after ``attempts`` failed tries, with the last error.
     """
+    options = storage_options(uri)
+
+    def commit(table: DeltaTable | None) -> None:
+        write_deltalake(
+            table if table is not None else uri,
+            data,
+            mode="append",
+            partition_by=partition_by,
+            storage_options=options,
+            writer_properties=writer_properties,
+            commit_properties=CommitProperties(app_transactions=[Transaction(writer_id, batch)]),
+        )
+
+    return _exactly_once(uri, writer_id, batch, commit, attempts, base_delay_s)
+
+
+def append_files(
+    uri: str,
+    data: pa.Table,
+    *,
+    writer_id: str,
+    batch: int,
+    schema: pa.Schema,
+    partition_by: list[str],
+    parquet_options: dict[str, Any],
+    files_per_partition: int = 2,
+    min_rows_per_file: int = 10_000,
+    attempts: int = 10,
+    base_delay_s: float = 0.05,
+) -> bool:
+    """``append_batch`` for large batches: the Parquet files are encoded by pyarrow, several at
+    once in threads (the encoder releases the GIL), then committed in one Delta commit with the
+    same application transaction, so the batch is still all-or-nothing and exactly once.
+
+    delta-rs's writer encodes one partition's rows on one core; list columns of floats make
+    that the whole cost of an append (see ``pipemedic bench store``). A partition's rows are
+    split into up to ``files_per_partition`` files of at least ``min_rows_per_file`` rows (small
+    batches stay one file). The table must exist
+    (``ensure_table``). Files a failed commit leaves behind are orphans that readers never see
+    and ``vacuum`` deletes; a retry commits the files already written.
+    """
+    for name in partition_by:
+        if data.column(name).null_count:
+            raise StorageError(f"batch {batch} of {writer_id}: partition column {name!r} has nulls")
+    actions: list[AddAction] = []
+
+    def commit(table: DeltaTable | None) -> None:
+        if table is None:
+            raise StorageError(f"no Delta table at {uri}: create it before appending files")
+        if not actions:
+            actions.extend(
+                _write_parquet_files(
+                    uri,
+                    data,
+                    partition_by,
+                    parquet_options,
+                    batch,
+                    files_per_partition=files_per_partition,
+                    min_rows_per_file=min_rows_per_file,
+                )
+            )
+        table.create_write_transaction(
+            actions,
+            mode="append",
+            schema=schema,
+            partition_by=partition_by,
+            commit_properties=CommitProperties(app_transactions=[Transaction(writer_id, batch)]),
+        )
+
+    return _exactly_once(uri, writer_id, batch, commit, attempts, base_delay_s)
+
+
+def _exactly_once(
+    uri: str,
+    writer_id: str,
+    batch: int,
+    commit: Callable[[DeltaTable | None], None],
+    attempts: int,
+    base_delay_s: float,
+) -> bool:
+    """Run ``commit`` until it goes in, unless the table already records ``batch`` of
+    ``writer_id`` (checked before the first try and before every retry)."""
     if batch < 0:
         raise ValueError(f"batch numbers start at 0, got {batch}")
-    options = storage_options(uri)
     last_error: Exception | None = None
     for attempt in range(attempts):
         try:
@@ -148,17 +240,7 @@ def append_batch(
                 done = table.transaction_version(writer_id)
                 if done is not None and done >= batch:
                     return False
-            write_deltalake(
-                table if table is not None else uri,
-                data,
-                mode="append",
-                partition_by=partition_by,
-                storage_options=options,
-                writer_properties=writer_properties,
-                commit_properties=CommitProperties(
-                    app_transactions=[Transaction(writer_id, batch)]
-                ),
-            )
+            commit(table)
             return True
         except SchemaMismatchError as exc:  # bad input: retrying cannot help
             raise StorageError(f"batch {batch} of {writer_id} does not fit {uri}: {exc}") from exc
@@ -172,6 +254,61 @@ def append_batch(
         f"could not append batch {batch} of {writer_id} to {uri} after {attempts} tries: "
         f"{last_error}"
     )
+
+
+def _write_parquet_files(
+    uri: str,
+    data: pa.Table,
+    partition_by: list[str],
+    parquet_options: dict[str, Any],
+    batch: int,
+    *,
+    files_per_partition: int,
+    min_rows_per_file: int,
+) -> list[AddAction]:
+    """Write ``data`` as Parquet files under the table's hive-style partition folders, several
+    files at once; return the Delta add actions describing them."""
+    if is_remote(uri):
+        filesystem = pafs.PyFileSystem(DeltaStorageHandler(uri, storage_options(uri)))
+        root = ""
+    else:
+        filesystem = pafs.LocalFileSystem()
+        root = str(Path(uri).resolve()) + "/"
+    keys = data.select(partition_by).group_by(partition_by).aggregate([]).to_pylist()
+    jobs = []
+    for key in keys:
+        part = data
+        if len(keys) > 1:
+            mask = None
+            for name, value in key.items():
+                term = pc.equal(data.column(name), value)
+                mask = term if mask is None else pc.and_(mask, term)
+            part = data.filter(mask)
+        part = part.drop_columns(partition_by)
+        folder = "/".join(f"{k}={quote(str(v), safe='')}" for k, v in key.items())
+        files = max(1, min(files_per_partition, part.num_rows // min_rows_per_file))
+        step = -(-part.num_rows // files)
+        for j, start in enumerate(range(0, part.num_rows, step)):
+            name = f"{folder}/part-{batch:06d}-{uuid.uuid4().hex}-{j}.parquet"
+            jobs.append((name, {k: str(v) for k, v in key.items()}, part.slice(start, step)))
+
+    def write(job) -> AddAction:
+        name, values, rows = job
+        filesystem.create_dir(root + name.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(root + name) as sink:
+            pq.write_table(rows, sink, **parquet_options)
+            size = sink.tell()
+        return AddAction(
+            path=name,
+            size=size,
+            partition_values=values,
+            modification_time=int(time.time() * 1000),
+            data_change=True,
+            stats=json.dumps({"numRecords": rows.num_rows}),
+        )
+
+    with ThreadPoolExecutor(max_workers=min(len(jobs), files_per_partition)) as pool:
+        return list(pool.map(write, jobs))
 
 
 def _pause(attempt: int, base_delay_s: float = 0.05) -> None:

@@ -4,10 +4,12 @@
   recorded once into memory: master rows carry 230 observation floats, specialists 110-160, plus
   the next observation and the action mask) appended in batches of ``batch_rows`` through
   ``ExperienceWriter.write_batch`` (the idempotency check, the Parquet write and the Delta commit
-  all timed). Reported: the median rate over ``repeats`` batches for one writer (and for the
-  same appends with delta-rs's default writer settings), and the
-  aggregate rate of ``processes`` writers appending at once (each its own process, all batches
-  started together; rate = all rows / wall time until the last one finished).
+  all timed). Reported: the median rate over ``repeats`` batches for one writer encoding
+  ``FILES_PER_PARTITION`` files at once (the default), the same with one file, the same appends
+  through delta-rs's own writer (with the settings the table used before, and with delta-rs's
+  defaults), and the aggregate rate of ``processes`` writers appending at once (each its own
+  process, all batches started together; rate = all rows / wall time until the last one
+  finished).
 * **Warm start from experience** (``bench_warm_start``): the time saved when DAgger's round 0
   (the oracle's own episodes) comes from the experience table. Three steps in one process and
   one temporary store: record one round's worth of oracle episodes into the experience table
@@ -73,32 +75,67 @@ print(json.dumps({"start": t0, "end": time.time(), "rows": data.num_rows * int(b
 """
 
 
+# delta-rs writer settings the experience table used before ``append_files`` (kept to compare):
+# plain encoding and no statistics on the list columns, no compression, 8 MB pages.
+_PLAIN_LISTS = {
+    f"{c}.list.element": {"dictionary_enabled": False, "statistics_enabled": "NONE"}
+    for c in ("observation", "next_observation", "action_mask")
+}
+
+
 def bench_append(
     *, batch_rows: int = 50_000, repeats: int = 5, processes: int = 2
 ) -> dict[str, float]:
-    from checkpoints.experience import ExperienceWriter
+    from deltalake import ColumnProperties, WriterProperties
+
+    from checkpoints.experience import FILES_PER_PARTITION, PARTITION_BY, ExperienceWriter
+    from checkpoints.storage import append_batch
+
+    DELTA_RS_TUNED = WriterProperties(
+        compression="UNCOMPRESSED",
+        data_page_size_limit=8 << 20,
+        write_batch_size=8192,
+        default_column_properties=ColumnProperties(dictionary_enabled=False),
+        column_properties={k: ColumnProperties(**v) for k, v in _PLAIN_LISTS.items()},
+    )
 
     data = realistic_transitions(batch_rows)
     with tempfile.TemporaryDirectory(prefix="pipemedic-bench-") as tmp:
         uri = str(Path(tmp) / "experience")
-        writer = ExperienceWriter(run_id="bench", source="sim", uri=uri, writer_id="bench-1")
-        writer.write_batch(data, batch=0)  # warm-up: table creation, first file
-        rates = []
-        for b in range(1, repeats + 1):
-            t0 = time.perf_counter()
-            writer.write_batch(data, batch=b)
-            rates.append(batch_rows / (time.perf_counter() - t0))
-        # The same appends with delta-rs's default writer settings, for comparison.
-        from checkpoints.experience import PARTITION_BY
-        from checkpoints.storage import append_batch
-
-        default_uri = str(Path(tmp) / "experience-defaults")
-        append_batch(default_uri, data, writer_id="d", batch=0, partition_by=PARTITION_BY)
-        default_rates = []
-        for b in range(1, repeats + 1):
-            t0 = time.perf_counter()
-            append_batch(default_uri, data, writer_id="d", batch=b, partition_by=PARTITION_BY)
-            default_rates.append(batch_rows / (time.perf_counter() - t0))
+        rates: dict[int, list[float]] = {}
+        # Files encoded at once per partition: the default, and one (pyarrow on one core).
+        for files in (FILES_PER_PARTITION, 1):
+            writer = ExperienceWriter(
+                run_id="bench",
+                source="sim",
+                uri=f"{uri}-{files}",
+                writer_id="bench-1",
+                files_per_partition=files,
+            )
+            writer.write_batch(data, batch=0)  # warm-up: table creation, first files
+            rates[files] = []
+            for b in range(1, repeats + 1):
+                t0 = time.perf_counter()
+                writer.write_batch(data, batch=b)
+                rates[files].append(batch_rows / (time.perf_counter() - t0))
+        # The same appends through delta-rs's own writer (one core per partition), with the
+        # settings the experience table used before and with delta-rs's defaults.
+        delta_rs = {}
+        for label, properties in (("tuned", DELTA_RS_TUNED), ("defaults", None)):
+            other = str(Path(tmp) / f"experience-delta-rs-{label}")
+            delta_rs[label] = []
+            for b in range(repeats + 1):
+                t0 = time.perf_counter()
+                append_batch(
+                    other,
+                    data,
+                    writer_id="d",
+                    batch=b,
+                    partition_by=PARTITION_BY,
+                    writer_properties=properties,
+                )
+                if b:  # batch 0 creates the table: a warm-up
+                    delta_rs[label].append(batch_rows / (time.perf_counter() - t0))
         # Several writer processes at once.
         data_file = Path(tmp) / "batch.arrow"
         with pa.OSFile(str(data_file), "wb") as sink, pa.ipc.new_file(sink, data.schema) as w:
@@ -132,10 +169,13 @@ def bench_append(
     return {
         "batch_rows": batch_rows,
         "bytes_per_row_in_memory": round(bytes_per_row),
-        "one_writer_median_rows_per_s": statistics.median(rates),
-        "one_writer_min_rows_per_s": min(rates),
-        "one_writer_max_rows_per_s": max(rates),
-        "defaults_median_rows_per_s": statistics.median(default_rates),
+        "one_writer_median_rows_per_s": statistics.median(rates[FILES_PER_PARTITION]),
+        "one_writer_min_rows_per_s": min(rates[FILES_PER_PARTITION]),
+        "one_writer_max_rows_per_s": max(rates[FILES_PER_PARTITION]),
+        "one_file_median_rows_per_s": statistics.median(rates[1]),
+        "files_per_partition": FILES_PER_PARTITION,
+        "delta_rs_tuned_median_rows_per_s": statistics.median(delta_rs["tuned"]),
+        "delta_rs_defaults_median_rows_per_s": statistics.median(delta_rs["defaults"]),
         "processes": processes,
         "parallel_rows_per_s": total / wall,
     }

@@ -80,6 +80,37 @@ def test_transitions_round_trip_value_for_value(tmp_path):
         assert row["policy_version"] == "hierarchical:v1" and row["scenario"] == "memory-leak"
 
 
+def test_a_large_batch_is_encoded_as_several_files_in_one_commit_per_partition(tmp_path):
+    """``append_files`` splits each partition's rows over several files written at once, and
+    commits them together: one table version per batch, every row once, rows of two days in
+    their own partitions."""
+    from checkpoints.experience import PARQUET_OPTIONS, PARTITION_BY
+    from checkpoints.storage import append_files, ensure_table
+
+    uri = str(tmp_path / "experience")
+    ensure_table(uri, SCHEMA, partition_by=PARTITION_BY)
+    batch = transitions(3000, seed=4)
+    batch.timestamp = [datetime(2026, 11, 20 + (i % 2), tzinfo=UTC) for i in range(3000)]
+    data = batch.to_arrow(run_id="r", source="sim")
+    kwargs = dict(
+        schema=SCHEMA,
+        partition_by=PARTITION_BY,
+        parquet_options=PARQUET_OPTIONS,
+        files_per_partition=3,
+        min_rows_per_file=400,
+    )
+    assert append_files(uri, data, writer_id="w", batch=0, **kwargs)
+    assert not append_files(uri, data, writer_id="w", batch=0, **kwargs)  # a retry: skipped
+    table = DeltaTable(uri)
+    assert table.version() == 1  # created, then one commit
+    files = table.file_uris()
+    assert len(files) == 6 and sum("date=2026-11-20" in f for f in files) == 3
+    back = ReplaySampler(uri).read()
+    assert back.num_rows == 3000
+    key = [("episode", "ascending"), ("step", "ascending"), ("date", "ascending")]
+    assert back.select(SCHEMA.names).sort_by(key).equals(data.sort_by(key))
+
+
 def test_bad_transitions_are_refused_with_the_field_named_and_nothing_written(tmp_path):
     uri = str(tmp_path / "experience")
     writer = ExperienceWriter(run_id="r", source="sim", uri=uri)
