@@ -6,7 +6,7 @@ other schemes delta-rs supports, credentials and endpoints come from the environ
 (``AWS_*``, ``GOOGLE_*``, ``AZURE_*``, plus ``PIPEMEDIC_STORAGE_OPTIONS`` as a JSON object for
 anything else), never from committed files.
 
-Why ``append_batch`` exists: delta-rs retries a conflicting commit a fixed number of times with
+Why ``append_batch`` and ``append_files`` exist: delta-rs retries a conflicting commit a fixed number of times with
 no pause, so several writers appending at once can exhaust the retries and fail; and a writer
 that retries after an error cannot tell whether its commit went in (an object-store timeout
 after the log entry was written looks like a failure). Each batch therefore carries a Delta
@@ -15,6 +15,10 @@ writing, and again before every retry, the writer asks the table for the last ba
 committed and skips the batch if it is already there. Retries back off exponentially with
 jitter. A writer killed mid-write leaves Parquet files no commit refers to: readers never see
 them, and ``vacuum(full=True)`` deletes them (see ``checkpoints.experience``).
+
+``append_batch`` writes through delta-rs's own writer (small tables: checkpoints, promotions);
+``append_files`` encodes the Parquet files with pyarrow, several at once, and commits them in
+one commit through delta-rs (the experience table, where encoding is the cost of an append).
 """
 
 from __future__ import annotations
