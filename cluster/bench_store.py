@@ -10,13 +10,17 @@
   defaults), and the aggregate rate of ``processes`` writers appending at once (each its own
   process, all batches started together; rate = all rows / wall time until the last one
   finished).
-* **Warm start from experience** (``bench_warm_start``): the time saved when DAgger's round 0
-  (the oracle's own episodes) comes from the experience table. Three steps in one process and
-  one temporary store: record one round's worth of oracle episodes into the experience table
-  (timed: the one-off cost); train with the config as it is (live DAgger warm start, then PPO)
-  and note its best validation score and the wall time at which it first reached it; train
-  again with ``warm_start.source: experience`` and ``stop.validation_score`` set to that score,
-  and note when it got there (or that it did not).
+* **Warm start from experience** (``bench_warm_start``): training time saved by pre-training
+  from the experience table. In one process and one temporary store: record the warm-start
+  teacher's episodes (``warm_start.teacher``, as many simulated steps as the live warm start
+  uses) into the experience table (timed: a one-off cost any later run reuses); train the
+  *reference* and note its best validation score and the wall time it first reached it; then
+  train with the warm start read from the table (``warm_start.source: experience``) and
+  ``stop.validation_score`` set to that score, and note when it got there (or that it did not).
+  The reference is ``cold`` by default: PPO from scratch, no warm start, with a learning rate
+  for learning from scratch (``cold_lr``), and the table is then the only pre-training (one
+  round, nothing simulated). ``dagger``: the live DAgger warm start, of which the table
+  replaces the first round.
 * **Promoted checkpoint load**: ``LearnedPolicy.from_store`` for a promoted ``hierarchical``
   version among ``versions`` stored ones: finding the promoted version in the promotions log,
   reading its rows, checking the SHA-256 of each agent and building the networks. Median of
@@ -248,11 +252,13 @@ def bench_warm_start(
     config: str,
     *,
     kind: str = "hierarchical",
+    reference: str = "cold",
+    cold_lr: float = 3e-4,
     record_steps: int | None = None,
     seed: int | None = None,
 ):
     """See the module docstring; returns both runs' figures. ``record_steps`` defaults to the
-    size of one DAgger round, the round the stored experience replaces."""
+    warm start's own budget of simulated steps."""
     import os
     import uuid
 
@@ -261,13 +267,16 @@ def bench_warm_start(
     from checkpoints.experience import ExperienceWriter
     from cluster.train import read_metrics, train
 
+    if reference not in ("cold", "dagger"):
+        raise ValueError(f"reference must be cold or dagger, got {reference!r}")
     store = tempfile.mkdtemp(prefix="pipemedic-bench-warm-")
     os.environ["PIPEMEDIC_STORE_URI"] = store  # before Ray starts: runners write there too
     cfg = load_train_config(config, kind=kind, seed=seed)
-    record_steps = record_steps or cfg.warm_start.pipeline_steps // cfg.warm_start.rounds
+    ws = cfg.warm_start
+    record_steps = record_steps or ws.pipeline_steps
     t0 = time.perf_counter()
     with ExperienceWriter(run_id=f"bench-record-{uuid.uuid4().hex[:6]}", source="sim") as w:
-        record_episodes(cfg.env_config(), "oracle", w, steps=record_steps, seed=cfg.seed + 500)
+        record_episodes(cfg.env_config(), ws.teacher, w, steps=record_steps, seed=cfg.seed + 500)
     record_s = time.perf_counter() - t0
 
     def run(name: str, run_cfg) -> dict:
@@ -276,11 +285,27 @@ def bench_warm_start(
         rows = read_metrics(out / "metrics.jsonl")
         return {"summary": summary, "rows": rows}
 
-    dagger = run("dagger", cfg)
-    target = dagger["summary"]["best_score"]
+    if reference == "cold":  # PPO from scratch, with a learning rate for learning from scratch
+        reference_cfg = cfg.model_copy(
+            update={
+                "warm_start": ws.model_copy(update={"enabled": False}),
+                "ppo": cfg.ppo.model_copy(update={"lr": cold_lr}),
+            }
+        )
+        # Pre-training only from the table: the teacher's recorded episodes, nothing live.
+        experience_ws = ws.model_copy(
+            update={"source": "experience", "rounds": 1, "experience_policies": (ws.teacher,)}
+        )
+    else:  # live DAgger; the table replaces its first round (the teacher's own episodes)
+        reference_cfg = cfg
+        experience_ws = ws.model_copy(
+            update={"source": "experience", "experience_policies": (ws.teacher,)}
+        )
+    ref = run(reference, reference_cfg)
+    target = ref["summary"]["best_score"]
     experience_cfg = cfg.model_copy(
         update={
-            "warm_start": cfg.warm_start.model_copy(update={"source": "experience"}),
+            "warm_start": experience_ws,
             "stop": cfg.stop.model_copy(update={"validation_score": target}),
         }
     )
@@ -310,9 +335,12 @@ def bench_warm_start(
         }
 
     return {
+        "reference": reference,
+        "teacher": ws.teacher,
+        "cold_lr": cold_lr if reference == "cold" else None,
         "target_validation_score": target,
         "record_s": record_s,
         "record_steps": record_steps,
-        "dagger": figures(dagger),
+        reference: figures(ref),
         "experience": figures(experience),
     }

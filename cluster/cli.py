@@ -290,7 +290,7 @@ def bench_serve_cmd(
 ) -> None:
     """Decision latency and throughput: in process, plain uvicorn, Ray Serve (proxy and
     direct ingress), side by side in one run (needs wrk: `make bench-serve` installs it)."""
-    from serve.bench import BATCH, bench_serve
+    from serve.bench import BATCH, SERVE_VARIANTS, bench_serve
 
     try:
         r = bench_serve(seconds=seconds)
@@ -317,16 +317,15 @@ def bench_serve_cmd(
         "failed",
     ):
         table.add_column(col, justify="right")
-    names = {
-        "uvicorn": "plain uvicorn",
-        "serve_proxy": "Ray Serve, proxy",
-        "serve_direct": "Ray Serve, direct ingress",
-    }
-    for key, name in names.items():
-        if key not in r:
+    rows = {"plain uvicorn": r.get("uvicorn")}
+    for variant in SERVE_VARIANTS:
+        serve_rows = r.get(f"serve:{variant}", {})
+        rows[f"Ray Serve ({variant}), proxy"] = serve_rows.get("proxy")
+        rows[f"Ray Serve ({variant}), direct ingress"] = serve_rows.get("direct")
+    for name, row in rows.items():
+        if row is None:
             table.add_row(name, *["-"] * 8)
             continue
-        row = r[key]
         table.add_row(
             name,
             f"{row['c1']['p50_ms']:.2f}",
@@ -345,21 +344,34 @@ def bench_serve_cmd(
 def bench_warm_start_cmd(
     config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
     kind: Annotated[str, typer.Option(help="hierarchical or flat")] = "hierarchical",
+    reference: Annotated[
+        str, typer.Option(help="cold (PPO from scratch) or dagger (live warm start).")
+    ] = "cold",
+    cold_lr: Annotated[float, typer.Option(help="PPO learning rate of the cold run.")] = 3e-4,
     record_steps: Annotated[
-        int | None, typer.Option(min=1000, help="Default: one DAgger round's steps.")
+        int | None, typer.Option(min=1000, help="Default: the warm start's simulated steps.")
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Override the config's seed (both runs).")
     ] = None,
 ) -> None:
-    """Training time saved when DAgger's first round comes from stored oracle experience (two
-    full trainings, one after the other)."""
+    """Training time saved by pre-training from stored experience, to the reference run's best
+    validation score (two full trainings, one after the other)."""
     import json
 
     from cluster.bench_store import bench_warm_start
 
+    if reference not in ("cold", "dagger"):
+        fail(PipemedicError(f"--reference must be cold or dagger, got {reference!r}"))
     try:
-        r = bench_warm_start(str(config), kind=kind, record_steps=record_steps, seed=seed)
+        r = bench_warm_start(
+            str(config),
+            kind=kind,
+            reference=reference,
+            cold_lr=cold_lr,
+            record_steps=record_steps,
+            seed=seed,
+        )
     except PipemedicError as exc:
         fail(exc)
     table = Table(
@@ -376,7 +388,7 @@ def bench_warm_start_cmd(
         "held-out MTTR s / SLO at best",
     ):
         table.add_column(col, justify="right")
-    for name in ("dagger", "experience"):
+    for name in (reference, "experience"):
         f = r[name]
         held = f["best_held_out"]
         table.add_row(
@@ -389,14 +401,14 @@ def bench_warm_start_cmd(
             f"{fmt_optional(held.get('mttr_s'), '{:.0f}')} / {fmt_optional(held.get('slo_adherence'), '{:.1%}')}",
         )
     console.print(table)
-    for name in ("dagger", "experience"):
+    for name in (reference, "experience"):
         within = "  ".join(
             f"<= {k} best: {fmt_optional(v, '{:.0f}')} s"
             for k, v in r[name]["reached_within_s"].items()
         )
         console.print(f"{name}: first review {within}")
     console.print(
-        f"Recording {r['record_steps']:,} pipeline steps of oracle experience took "
+        f"Recording {r['record_steps']:,} pipeline steps of {r['teacher']} experience took "
         f"{r['record_s']:.0f} s (paid once; any later run reuses it)."
     )
     console.print(json.dumps(r, default=str))

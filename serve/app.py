@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -107,7 +108,7 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
     api.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     metrics.set_policy(service.policy.version)
 
-    def authorised(cred: BearerCredentials) -> None:
+    async def authorised(cred: BearerCredentials) -> None:
         if token is None:
             return
         if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
@@ -155,8 +156,8 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         responses=_ERRORS,
         dependencies=[Depends(authorised)],
     )
-    async def decide(request: schemas.DecideRequest) -> schemas.Decision:
-        return decide_counted("decide", [request])[0]
+    async def decide(request: schemas.DecideRequest) -> Response:
+        return _json(decide_counted("decide", [request])[0])
 
     @api.post(
         "/v1/decide/batch",
@@ -164,9 +165,9 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         responses=_ERRORS,
         dependencies=[Depends(authorised)],
     )
-    async def decide_batch(batch: schemas.DecideBatchRequest) -> schemas.DecideBatchResponse:
+    async def decide_batch(batch: schemas.DecideBatchRequest) -> Response:
         decisions = decide_counted("decide_batch", batch.requests)
-        return schemas.DecideBatchResponse(decisions=decisions)
+        return _json(schemas.DecideBatchResponse(decisions=decisions))
 
     @api.post(
         "/v1/feedback",
@@ -193,6 +194,13 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return api
+
+
+def _json(answer: BaseModel) -> Response:
+    """The answer as JSON, serialised once by pydantic. Returning the model instead would make
+    FastAPI validate it again against ``response_model`` before serialising it (the
+    ``response_model`` stays on the route for the OpenAPI document)."""
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 class Maintenance:

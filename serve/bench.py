@@ -9,6 +9,9 @@ Four ways to reach the same policy and service code, measured one after the othe
 4. Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the replica answers HTTP
    itself on a port the controller hands out (30000 up).
 
+3 and 4 run once per entry of ``SERVE_VARIANTS`` (the config file as it is, with the access
+log back on, and Ray's "throughput optimized" preset), each on a fresh Ray.
+
 HTTP load comes from ``wrk`` (C, keep-alive connections; Debian package ``wrk``) with a Lua
 script that posts the snapshot and prints the latency percentiles as JSON. Every HTTP target
 gets the same runs: one connection (latency) and 16 connections (throughput), then the batch
@@ -164,7 +167,6 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
             "(or `make bench-serve`, which installs it)"
         )
     from checkpoints.policies import CheckpointStore
-    from serve.settings import load_serve_config, with_host_port
 
     folder = Path(tempfile.mkdtemp(prefix="pipemedic-bench-serve-"))
     store = os.environ.get("PIPEMEDIC_STORE_URI") or str(Path("store").resolve())
@@ -203,30 +205,63 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
         server.terminate()
         server.wait(10)
 
-    # Ray Serve: proxy and direct ingress in one deployment (the flag keeps the proxy running).
+    # Ray Serve, proxy and direct ingress in one deployment (the flag keeps the proxy running),
+    # once per variant of Serve's own settings; each variant gets a fresh Ray, because Serve
+    # reads these variables when its processes start.
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     os.environ["PIPEMEDIC_STORE_URI"] = store
+    for label, (env, deployment) in SERVE_VARIANTS.items():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            results[f"serve:{label}"] = _serve_rows(store, measure, deployment)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return results
+
+
+# Serve settings the benchmark compares: (environment of the Ray processes, deployment options
+# over the config file's). Ray's "throughput optimized" preset runs user code on the replica's
+# main event loop instead of a separate thread, buffers request logs, and talks gRPC between
+# proxy and replica. The config file turns the per-request access log off.
+SERVE_VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+    "config file": ({}, {}),
+    "access log on": ({}, {"logging_config": {"enable_access_log": True}}),
+    "throughput-optimized": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}),
+}
+
+
+def _serve_rows(store: str, measure, deployment: dict[str, Any]) -> dict[str, Any]:
+    """Start Ray and the decision endpoint from ``configs/serve.yaml``, measure the proxy and
+    the first replica's direct-ingress port, shut everything down."""
     import ray
     from ray import serve
 
     from serve.launch import direct_ingress_urls, start
+    from serve.settings import load_serve_config, with_host_port
 
     cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=free_port())
     cfg["applications"][0]["args"]["store_uri"] = store
+    cfg["applications"][0]["deployments"][0].update(deployment)
+    rows: dict[str, Any] = {}
     try:
         url = start(cfg)
         _wait_http(url)
-        results["serve_proxy"] = measure(url)
+        rows["proxy"] = measure(url)
         direct = direct_ingress_urls(cfg["applications"][0]["name"], host="127.0.0.1")
         if direct:
             _wait_http(direct[0])
-            results["serve_direct"] = measure(direct[0])
-            results["serve_direct_url"] = direct[0]
+            rows["direct"] = measure(direct[0])
+            rows["direct_url"] = direct[0]
     finally:
         serve.shutdown()
         ray.shutdown()
-    return results
+    return rows
 
 
 def _fresh_store(folder: Path) -> str:
