@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -93,4 +94,48 @@ def bench_training(
         "median_iteration_steps_per_s": statistics.median(whole),
         "min_iteration_steps_per_s": min(whole),
         "max_iteration_steps_per_s": max(whole),
+    }
+
+
+def bench_imitation(
+    config: str, *, kind: str = "hierarchical", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The warm start alone (no Ray, no PPO): imitate the teacher with ``warm_start`` settings
+    from ``config`` (with ``overrides``), then score the student like a training review does:
+    validation score and held-out metrics, overall and per scenario."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from agents.inference import export_bundle, fresh_nets
+    from agents.ppo_config import load_train_config
+    from agents.warm_start import WarmStartConfig, warm_start
+    from cluster.train import evaluate_bundle, validation_score
+    from envs.config_files import validated
+
+    cfg = load_train_config(config, kind=kind)
+    ws = validated(
+        WarmStartConfig,
+        {**cfg.warm_start.model_dump(), **(overrides or {})},
+        where=f"{config}: warm_start (with --set)",
+    )
+    nets = fresh_nets(cfg.kind, hidden=tuple(cfg.ppo.hidden), seed=cfg.seed)
+    for net in nets.values():
+        net.train()
+    t0 = time.perf_counter()
+    steps = warm_start(nets, cfg.env_config(), ws, gamma=cfg.ppo.gamma, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    for net in nets.values():
+        net.eval()
+    with tempfile.TemporaryDirectory(prefix="pipemedic-imitation-") as tmp:
+        bundle = export_bundle(Path(tmp) / "policy", cfg.kind, nets, {"pipeline_steps": steps})
+        score = validation_score(bundle, cfg)
+        held_out = evaluate_bundle(bundle, cfg)
+    return {
+        "warm_start": ws.model_dump(),
+        "seconds": seconds,
+        "pipeline_steps": steps,
+        "validation_score": score,
+        "eval_episodes": cfg.eval_episodes,
+        **held_out,
     }

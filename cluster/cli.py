@@ -441,6 +441,54 @@ def train(
     )
 
 
+@bench_app.command("imitation")
+def bench_imitation_cmd(
+    config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
+    kind: Annotated[str, typer.Option(help="hierarchical or flat")] = "hierarchical",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a warm_start setting, KEY=VALUE (YAML value; repeatable)."
+        ),
+    ] = None,
+) -> None:
+    """The warm start alone, no PPO: imitate the teacher, then the validation score and the
+    held-out metrics a training review would log (eval_episodes per scenario)."""
+    import yaml
+
+    from cluster.bench import bench_imitation
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(PipemedicError(f"--set takes KEY=VALUE, got {item!r}"))
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        r = bench_imitation(str(config), kind=kind, overrides=overrides)
+    except PipemedicError as exc:
+        fail(exc)
+    console.print(
+        f"warm start {r['seconds']:.0f} s, {r['pipeline_steps']:,} pipeline steps; "
+        f"validation score {r['validation_score']:.2f} (lower is better)"
+    )
+    table = Table(
+        title=f"Held-out, {r['eval_episodes']} episodes per scenario", title_justify="left"
+    )
+    for col in ("scenario", "MTTR s", "unresolved %", "SLO adherence", "records lost", "cost"):
+        table.add_column(col, justify="right")
+    for name, m in [*r["per_scenario"].items(), ("OVERALL", r["overall"])]:
+        table.add_row(
+            name,
+            f"{m['mttr_s']:.0f}",
+            f"{m['unresolved_pct']:.1f}",
+            f"{m['slo_adherence']:.1%}",
+            f"{m['records_lost']:,.0f}",
+            f"{m['cost']:.1f}",
+        )
+    console.print(table)
+
+
 @bench_app.command("train")
 def bench_train(
     runners: Annotated[
