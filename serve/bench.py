@@ -10,7 +10,8 @@ Four ways to reach the same policy and service code, measured one after the othe
    itself on a port the controller hands out (30000 up).
 
 3 and 4 run once per entry of ``SERVE_VARIANTS`` (the config file as it is, with the access
-log back on, and Ray's "throughput optimized" preset), each on a fresh Ray.
+log back on, without Ray's "throughput optimized" preset in the replicas, and with the preset in
+every Ray process), each on a fresh Ray.
 
 HTTP load comes from ``wrk`` (C, keep-alive connections; Debian package ``wrk``) with a Lua
 script that posts the snapshot and prints the latency percentiles as JSON. Every HTTP target
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,11 +213,11 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     os.environ["PIPEMEDIC_STORE_URI"] = store
-    for label, (env, deployment) in SERVE_VARIANTS.items():
+    for label, (env, change) in SERVE_VARIANTS.items():
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            results[f"serve:{label}"] = _serve_rows(store, measure, deployment)
+            results[f"serve:{label}"] = _serve_rows(store, measure, change)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -225,18 +227,30 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
     return results
 
 
-# Serve settings the benchmark compares: (environment of the Ray processes, deployment options
-# over the config file's). Ray's "throughput optimized" preset runs user code on the replica's
-# main event loop instead of a separate thread, buffers request logs, and talks gRPC between
-# proxy and replica. The config file turns the per-request access log off.
-SERVE_VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
-    "config file": ({}, {}),
-    "access log on": ({}, {"logging_config": {"enable_access_log": True}}),
-    "throughput-optimized": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}),
+def _access_log_on(deployment: dict[str, Any]) -> None:
+    deployment["logging_config"] = {"enable_access_log": True}
+
+
+def _replicas_without_preset(deployment: dict[str, Any]) -> None:
+    deployment["ray_actor_options"].pop("runtime_env", None)
+
+
+# Serve settings the benchmark compares: (environment of every Ray process, a change to the
+# config file's deployment options). The config file turns the per-request access log off and
+# gives the replicas Ray's "throughput optimized" preset (user code on the replica's own event
+# loop instead of a separate thread, buffered request logs). "Every process" also sets the
+# preset for the proxy, which then talks gRPC to the replica.
+SERVE_VARIANTS: dict[str, tuple[dict[str, str], Callable[[dict[str, Any]], None] | None]] = {
+    "config file": ({}, None),
+    "access log on": ({}, _access_log_on),
+    "replicas without the preset": ({}, _replicas_without_preset),
+    "preset in every process": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None),
 }
 
 
-def _serve_rows(store: str, measure, deployment: dict[str, Any]) -> dict[str, Any]:
+def _serve_rows(
+    store: str, measure, change: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     """Start Ray and the decision endpoint from ``configs/serve.yaml``, measure the proxy and
     the first replica's direct-ingress port, shut everything down."""
     import ray
@@ -247,7 +261,8 @@ def _serve_rows(store: str, measure, deployment: dict[str, Any]) -> dict[str, An
 
     cfg = with_host_port(load_serve_config(), host="127.0.0.1", port=free_port())
     cfg["applications"][0]["args"]["store_uri"] = store
-    cfg["applications"][0]["deployments"][0].update(deployment)
+    if change is not None:
+        change(cfg["applications"][0]["deployments"][0])
     rows: dict[str, Any] = {}
     try:
         url = start(cfg)
