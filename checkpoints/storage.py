@@ -189,9 +189,9 @@ def append_files(
     delta-rs's writer encodes one partition's rows on one core; list columns of floats make
     that the whole cost of an append (see ``pipemedic bench store``). A partition's rows are
     split into up to ``files_per_partition`` files of at least ``min_rows_per_file`` rows (small
-    batches stay one file). The table must exist
-    (``ensure_table``). Files a failed commit leaves behind are orphans that readers never see
-    and ``vacuum`` deletes; a retry commits the files already written.
+    batches stay one file). The table must exist (``ensure_table``). Files a failed commit
+    leaves behind are orphans that readers never see and ``vacuum`` deletes; a retry commits
+    the files already written.
     """
     for name in partition_by:
         if data.column(name).null_count:
