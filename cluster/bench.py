@@ -98,11 +98,17 @@ def bench_training(
 
 
 def bench_imitation(
-    config: str, *, kind: str = "hierarchical", overrides: dict[str, Any] | None = None
+    config: str,
+    *,
+    kind: str = "hierarchical",
+    overrides: dict[str, Any] | None = None,
+    save: str | None = None,
 ) -> dict[str, Any]:
     """The warm start alone (no Ray, no PPO): imitate the teacher with ``warm_start`` settings
     from ``config`` (with ``overrides``), then score the student like a training review does:
-    validation score and held-out metrics, overall and per scenario."""
+    validation score and held-out metrics, overall and per scenario. With ``save`` the student
+    is also written to ``save/policy`` as a policy bundle (``LearnedPolicy.load`` reads it;
+    ``pipemedic checkpoints import`` publishes it)."""
     import tempfile
     import time
     from pathlib import Path
@@ -128,7 +134,8 @@ def bench_imitation(
     for net in nets.values():
         net.eval()
     with tempfile.TemporaryDirectory(prefix="pipemedic-imitation-") as tmp:
-        bundle = export_bundle(Path(tmp) / "policy", cfg.kind, nets, {"pipeline_steps": steps})
+        info = {"pipeline_steps": steps, "warm_start": ws.model_dump()}
+        bundle = export_bundle(Path(save or tmp) / "policy", cfg.kind, nets, info)
         score = validation_score(bundle, cfg)
         held_out = evaluate_bundle(bundle, cfg)
     return {
