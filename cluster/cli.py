@@ -18,6 +18,7 @@ with status 2; no traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -318,9 +319,10 @@ def bench_serve_cmd(
     ):
         table.add_column(col, justify="right")
     rows = {"plain uvicorn": r.get("uvicorn")}
-    for variant in SERVE_VARIANTS:
+    for variant, (env, _) in SERVE_VARIANTS.items():
         serve_rows = r.get(f"serve:{variant}", {})
-        rows[f"Ray Serve ({variant}), proxy"] = serve_rows.get("proxy")
+        front = "HAProxy" if "RAY_SERVE_ENABLE_HA_PROXY" in env else "proxy"
+        rows[f"Ray Serve ({variant}), {front}"] = serve_rows.get("proxy")
         rows[f"Ray Serve ({variant}), direct ingress"] = serve_rows.get("direct")
     for name, row in rows.items():
         if row is None:
@@ -451,6 +453,9 @@ def bench_imitation_cmd(
             "--set", help="Override a warm_start setting, KEY=VALUE (YAML value; repeatable)."
         ),
     ] = None,
+    save: Annotated[
+        Path | None, typer.Option(help="Also write the student as a policy bundle: SAVE/policy.")
+    ] = None,
 ) -> None:
     """The warm start alone, no PPO: imitate the teacher, then the validation score and the
     held-out metrics a training review would log (eval_episodes per scenario)."""
@@ -465,7 +470,9 @@ def bench_imitation_cmd(
             fail(PipemedicError(f"--set takes KEY=VALUE, got {item!r}"))
         overrides[key.strip()] = yaml.safe_load(value)
     try:
-        r = bench_imitation(str(config), kind=kind, overrides=overrides)
+        r = bench_imitation(
+            str(config), kind=kind, overrides=overrides, save=str(save) if save else None
+        )
     except PipemedicError as exc:
         fail(exc)
     console.print(
@@ -525,6 +532,14 @@ def serve_cmd(
         str | None, typer.Option(help="Listen address (default: the config's).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: the config's, 8000).")] = None,
+    ingress: Annotated[
+        str,
+        typer.Option(
+            help="How HTTP reaches the replicas: Serve's Python proxy, direct ingress on the "
+            "replicas' own ports as well, or HAProxy routing by the X-Pipeline-Id header "
+            "(proxy, direct or haproxy)."
+        ),
+    ] = "proxy",
 ) -> None:
     """Serve the decision endpoint on an embedded Ray (Ctrl-C stops it).
 
@@ -532,7 +547,7 @@ def serve_cmd(
     `Authorization: Bearer <token>`. The promoted policy of the checkpoints table is served;
     a newly promoted version is picked up while serving."""
     from serve.launch import start
-    from serve.settings import load_serve_config, service_settings, with_host_port
+    from serve.settings import INGRESS_ENV, load_serve_config, service_settings, with_host_port
 
     try:
         cfg = load_serve_config(config)
@@ -550,8 +565,22 @@ def serve_cmd(
                 "(python -m cluster.train --config configs/train.yaml) or import one "
                 "(pipemedic checkpoints import BUNDLE --promote)"
             )
+        if ingress not in INGRESS_ENV:
+            raise PipemedicError(
+                f"--ingress {ingress!r} is not a known ingress; use one of {', '.join(INGRESS_ENV)}"
+            )
+        if os.environ.get("RAY_ADDRESS") and INGRESS_ENV[ingress]:
+            raise PipemedicError(
+                f"--ingress {ingress} cannot change a running Ray cluster (RAY_ADDRESS is set): "
+                "start it with "
+                + " ".join(f"{k}={v}" for k, v in INGRESS_ENV[ingress].items())
+                + " in the environment of `ray start`"
+            )
+        os.environ.update(INGRESS_ENV[ingress])  # read by Serve's processes when they start
         url = cfg["http_options"]["host"], cfg["http_options"]["port"]
-        console.print(f"Serving {settings.policy} on http://{url[0]}:{url[1]} (Ctrl-C stops)")
+        console.print(
+            f"Serving {settings.policy} on http://{url[0]}:{url[1]} through {ingress} (Ctrl-C stops)"
+        )
         console.print("  docs: /docs   OpenAPI: /openapi.json   metrics: /metrics")
         start(cfg, blocking=True)
     except PipemedicError as exc:

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve import schemas
 from serve.decider import DecisionError, DecisionService
 from serve.metrics import ServiceMetrics
-from serve.settings import ServiceSettings, guardrails, service_settings
+from serve.settings import PIPELINE_HEADER, ServiceSettings, guardrails, service_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,17 @@ _ERRORS = {
 BearerCredentials = Annotated[
     HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
 ]
+RoutedAs = Annotated[
+    str | None,
+    Header(
+        alias=PIPELINE_HEADER,
+        description="Routing key. With the HAProxy ingress it picks the replica that keeps "
+        "the pipeline's state. decide: the snapshot's pipeline_id (checked); batch: one key of "
+        "the caller's for the same pipelines every time; feedback: the decision's key.",
+    ),
+]
+#: Response header naming the replica that answered (one process: ``local``).
+REPLICA_HEADER = "X-Pipemedic-Replica"
 
 
 class BodyLimit:
@@ -98,8 +109,16 @@ class BodyLimit:
         await response({"type": "http"}, None, send)
 
 
-def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str | None) -> FastAPI:
-    """The HTTP API over one ``DecisionService``."""
+def create_api(
+    service: DecisionService,
+    *,
+    metrics: ServiceMetrics,
+    token: str | None,
+    replica: str = "local",
+) -> FastAPI:
+    """The HTTP API over one ``DecisionService``; ``replica`` names it in every decide and
+    feedback answer (``REPLICA_HEADER``)."""
+    answered_by = {REPLICA_HEADER: replica}
     api = FastAPI(
         title="Pipeline Medic decision API",
         version="1",
@@ -156,8 +175,16 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         responses=_ERRORS,
         dependencies=[Depends(authorised)],
     )
-    async def decide(request: schemas.DecideRequest) -> Response:
-        return _json(decide_counted("decide", [request])[0])
+    async def decide(request: schemas.DecideRequest, routed_as: RoutedAs = None) -> Response:
+        if routed_as is not None and routed_as != request.pipeline_id:
+            raise DecisionError(
+                422,
+                f"the {PIPELINE_HEADER} header names {routed_as!r} but the snapshot is about "
+                f"{request.pipeline_id!r}; send the snapshot's pipeline_id (the header picks the "
+                "replica that keeps that pipeline's state)",
+                f"header.{PIPELINE_HEADER}",
+            )
+        return _json(decide_counted("decide", [request])[0], answered_by)
 
     @api.post(
         "/v1/decide/batch",
@@ -165,9 +192,13 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         responses=_ERRORS,
         dependencies=[Depends(authorised)],
     )
-    async def decide_batch(batch: schemas.DecideBatchRequest) -> Response:
+    async def decide_batch(
+        batch: schemas.DecideBatchRequest, routed_as: RoutedAs = None
+    ) -> Response:
+        # A batch is routed as a whole: its header is the caller's own key, and a pipeline
+        # keeps its state only if it is always sent under the same key (README, "Serving").
         decisions = decide_counted("decide_batch", batch.requests)
-        return _json(schemas.DecideBatchResponse(decisions=decisions))
+        return _json(schemas.DecideBatchResponse(decisions=decisions), answered_by)
 
     @api.post(
         "/v1/feedback",
@@ -175,10 +206,11 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
         responses={**_ERRORS, 404: {"model": schemas.ErrorBody, "description": "Unknown id."}},
         dependencies=[Depends(authorised)],
     )
-    async def feedback(fb: schemas.FeedbackRequest) -> schemas.FeedbackResponse:
+    async def feedback(fb: schemas.FeedbackRequest, routed_as: RoutedAs = None) -> Response:
+        # routed_as only steers HAProxy to the replica that made the decision.
         answer = service.feedback(fb)
         metrics.feedback.labels(fb.outcome).inc()
-        return answer
+        return _json(answer, answered_by)
 
     @api.get("/v1/policy", response_model=schemas.PolicyInfo)
     async def policy() -> schemas.PolicyInfo:
@@ -196,11 +228,11 @@ def create_api(service: DecisionService, *, metrics: ServiceMetrics, token: str 
     return api
 
 
-def _json(answer: BaseModel) -> Response:
+def _json(answer: BaseModel, headers: dict[str, str] | None = None) -> Response:
     """The answer as JSON, serialised once by pydantic. Returning the model instead would make
     FastAPI validate it again against ``response_model`` before serialising it (the
     ``response_model`` stays on the route for the OpenAPI document)."""
-    return Response(answer.model_dump_json(), media_type="application/json")
+    return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
 
 
 class Maintenance:
@@ -268,7 +300,8 @@ class DecisionDeployment:
         # runs of `pipemedic bench serve` (README, "Serving latency"); not understood yet.
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.service, metrics=self.metrics, token=self.token)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return create_api(self.service, metrics=self.metrics, token=self.token, replica=replica)
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Hot guardrail settings: ``user_config`` fields override the app's guardrails."""

@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from envs.errors import PipemedicError
+from serve.settings import INGRESS_ENV
 
 BATCH = 256
 _LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Pipeline-Id"] = "bench-pipeline"
 wrk.body = io.open("{body}"):read("*a")
 done = function(summary, latency, requests)
   io.write(string.format(
@@ -83,7 +85,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float = 120.0) -> None:
+def wait_http(url: str, timeout: float = 120.0) -> None:
+    """Wait until ``url/healthz`` answers 200 (a PipemedicError after ``timeout``)."""
     import requests
 
     deadline = time.monotonic() + timeout
@@ -201,7 +204,7 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
     )
     server = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:
-        _wait_http(f"http://127.0.0.1:{port}")
+        wait_http(f"http://127.0.0.1:{port}")
         results["uvicorn"] = measure(f"http://127.0.0.1:{port}")
     finally:
         server.terminate()
@@ -245,6 +248,9 @@ SERVE_VARIANTS: dict[str, tuple[dict[str, str], Callable[[dict[str, Any]], None]
     "access log on": ({}, _access_log_on),
     "replicas without the preset": ({}, _replicas_without_preset),
     "preset in every process": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None),
+    # Ray Serve's HAProxy ingress in place of its Python proxy, balancing on the pipeline id
+    # header (what `pipemedic serve --ingress haproxy` sets; serve.launch.INGRESS_ENV).
+    "HAProxy ingress": (INGRESS_ENV["haproxy"], None),
 }
 
 
@@ -266,11 +272,11 @@ def _serve_rows(
     rows: dict[str, Any] = {}
     try:
         url = start(cfg)
-        _wait_http(url)
+        wait_http(url)
         rows["proxy"] = measure(url)
         direct = direct_ingress_urls(cfg["applications"][0]["name"], host="127.0.0.1")
         if direct:
-            _wait_http(direct[0])
+            wait_http(direct[0])
             rows["direct"] = measure(direct[0])
             rows["direct_url"] = direct[0]
     finally:

@@ -8,6 +8,12 @@
         ...  # carry it out, then:
     medic.feedback(decision["decision_id"], "resolved")
 
+Every call names its pipeline in the ``X-Pipeline-Id`` header (feedback: the decision's
+pipeline, which the client remembers for its last 10,000 decisions), so with the HAProxy ingress
+and several replicas each pipeline is always served by the replica that keeps its state.
+A batch goes under one ``routing_key`` of the caller's choosing: keep it the same for the same
+pipelines.
+
 Connection failures, timeouts and 408/500/502/503/504 (an overloaded or restarting service) are
 retried with exponential backoff and jitter; 4xx answers are the caller's mistake and raise at
 once (``DecisionRequestError`` carries the fields the service named). A timed-out request may
@@ -18,9 +24,12 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from typing import Any
 
 import requests
+
+from serve.settings import PIPELINE_HEADER
 
 # 408: the proxy gave up waiting; 502/503/504: overloaded or restarting; 500: also retried,
 # because a replica dying mid-request is transient (a real bug then costs the retry budget).
@@ -56,12 +65,23 @@ class DecisionClient:
             self.session.headers["Authorization"] = f"Bearer {token}"
         #: Attempts that failed and were retried (connection errors, 502/503/504).
         self.failed_attempts = 0
+        #: decision id -> the routing header it was decided under, for feedback.
+        self._routed: OrderedDict[str, str] = OrderedDict()
 
     def decide(self, snapshot: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/decide", snapshot)
+        key = str(snapshot.get("pipeline_id", ""))
+        decision = self._call("POST", "/v1/decide", snapshot, routing_key=key)
+        self._remember(decision, key)
+        return decision
 
-    def decide_batch(self, snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self._call("POST", "/v1/decide/batch", {"requests": snapshots})["decisions"]
+    def decide_batch(
+        self, snapshots: list[dict[str, Any]], *, routing_key: str | None = None
+    ) -> list[dict[str, Any]]:
+        body = {"requests": snapshots}
+        decisions = self._call("POST", "/v1/decide/batch", body, routing_key=routing_key)
+        for d in decisions["decisions"]:
+            self._remember(d, routing_key)
+        return decisions["decisions"]
 
     def feedback(
         self,
@@ -70,20 +90,33 @@ class DecisionClient:
         *,
         executed: bool = True,
         telemetry_after: dict[str, Any] | None = None,
+        routing_key: str | None = None,
     ) -> dict[str, Any]:
+        """Report what happened; ``routing_key`` defaults to the one the decision was made
+        under, if this client made it."""
         body = {"decision_id": decision_id, "outcome": outcome, "executed": executed}
         if telemetry_after is not None:
             body["telemetry_after"] = telemetry_after
-        return self._call("POST", "/v1/feedback", body)
+        key = routing_key or self._routed.get(decision_id)
+        return self._call("POST", "/v1/feedback", body, routing_key=key)
 
     def policy(self) -> dict[str, Any]:
         return self._call("GET", "/v1/policy")
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _remember(self, decision: dict[str, Any], key: str | None) -> None:
+        if key:
+            self._routed[decision["decision_id"]] = key
+            while len(self._routed) > 10_000:
+                self._routed.popitem(last=False)
+
+    def _call(self, method: str, path: str, body: Any = None, *, routing_key: str | None = None):
+        headers = {PIPELINE_HEADER: routing_key} if routing_key else None
         last: tuple[int | None, Any] = (None, None)
         for attempt in range(self.retries + 1):
             try:
-                r = self.session.request(method, self.url + path, json=body, timeout=self.timeout_s)
+                r = self.session.request(
+                    method, self.url + path, json=body, headers=headers, timeout=self.timeout_s
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last = (None, str(exc))
             else:

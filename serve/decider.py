@@ -46,7 +46,7 @@ from envs.params import SimParams, SloParams
 from envs.telemetry import PIPELINE_INDEX, PIPELINE_METRICS, STAGE_INDEX, STAGE_METRICS, Telemetry
 from serve import drift as drift_scores
 from serve import schemas
-from serve.settings import Guardrails, ServiceSettings
+from serve.settings import PIPELINE_HEADER, Guardrails, ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,9 @@ class DecisionService:
         if logged is None:
             raise DecisionError(
                 404,
-                f"decision {fb.decision_id!r} is unknown to this service (never made, or older "
-                f"than the last {self.settings.decision_log_size} decisions)",
+                f"decision {fb.decision_id!r} is unknown to this replica (never made, made by "
+                f"another replica: send {PIPELINE_HEADER} as for the decision, or "
+                f"older than the last {self.settings.decision_log_size} decisions)",
                 "decision_id",
             )
         next_obs: dict[str, np.ndarray | None] = dict.fromkeys(logged.agents)

@@ -178,7 +178,7 @@ def test_feedback_becomes_experience_rows_with_the_observations_the_agents_saw(t
 
 def test_feedback_for_an_unknown_or_mismatched_decision_is_refused(tmp_path):
     svc = service(tmp_path)
-    with pytest.raises(DecisionError, match="unknown to this service") as exc:
+    with pytest.raises(DecisionError, match="unknown to this replica") as exc:
         svc.feedback(schemas.FeedbackRequest(decision_id="nope", outcome="worse"))
     assert exc.value.status == 404
     d = svc.decide(req())
