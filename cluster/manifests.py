@@ -27,14 +27,14 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from envs.config_files import load_model
 from envs.errors import ConfigError
-from serve.settings import load_serve_config, with_host_port
+from serve.settings import INGRESS_ENV, load_serve_config, with_host_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CLUSTER_CONFIG = Path("configs/cluster.yaml")  # relative to the working folder
@@ -101,6 +101,11 @@ class TrainingProfile(_Strict):
 class ServingProfile(_Strict):
     head: PodResources
     workers: WorkerGroup
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="Serve's Python proxy, or Ray Serve's HAProxy ingress (faster; keeps each "
+        "pipeline on one replica by its X-Pipeline-Id header, so num_replicas may exceed 1)",
+    )
 
 
 class Profile(_Strict):
@@ -132,8 +137,11 @@ def serve_config_for_cluster(cfg: ClusterConfig) -> dict[str, Any]:
     return with_host_port(load_serve_config(cfg.serve_config), host="0.0.0.0", port=SERVE_PORT)
 
 
-def _env(cfg: ClusterConfig, *, token: bool) -> tuple[list[dict], list[dict]]:
+def _env(
+    cfg: ClusterConfig, *, token: bool, ray_env: dict[str, str]
+) -> tuple[list[dict], list[dict]]:
     env = [{"name": "PIPEMEDIC_STORE_URI", "value": cfg.store_uri}]
+    env += [{"name": k, "value": v} for k, v in ray_env.items()]
     if token:
         env.append(
             {
@@ -147,9 +155,15 @@ def _env(cfg: ClusterConfig, *, token: bool) -> tuple[list[dict], list[dict]]:
 
 
 def _pod(
-    cfg: ClusterConfig, container: str, res: PodResources, ports: list[dict], *, token: bool
+    cfg: ClusterConfig,
+    container: str,
+    res: PodResources,
+    ports: list[dict],
+    *,
+    token: bool,
+    ray_env: dict[str, str],
 ) -> dict:
-    env, env_from = _env(cfg, token=token)
+    env, env_from = _env(cfg, token=token, ray_env=ray_env)
     amounts = {"cpu": res.cpu, "memory": res.memory}
     return {
         "metadata": {"labels": dict(LABELS)},
@@ -189,7 +203,11 @@ def _ray_cluster_spec(
     group: str,
     serve: bool,
     head_cpus: str,
+    ray_env: dict[str, str] | None = None,
 ) -> dict:
+    """``ray_env``: variables every Ray process of the cluster reads when it starts (Serve's
+    ingress settings), on head and workers alike."""
+    ray_env = ray_env or {}
     return {
         "rayVersion": cfg.ray_version,
         "enableInTreeAutoscaling": True,
@@ -200,7 +218,9 @@ def _ray_cluster_spec(
                 "dashboard-host": "0.0.0.0",
                 "metrics-export-port": str(METRICS_PORT),
             },
-            "template": _pod(cfg, "ray-head", head, _head_ports(serve=serve), token=serve),
+            "template": _pod(
+                cfg, "ray-head", head, _head_ports(serve=serve), token=serve, ray_env=ray_env
+            ),
         },
         "workerGroupSpecs": [
             {
@@ -215,6 +235,7 @@ def _ray_cluster_spec(
                     workers,
                     [{"containerPort": METRICS_PORT, "name": "metrics"}],
                     token=serve,
+                    ray_env=ray_env,
                 ),
             }
         ],
@@ -270,6 +291,7 @@ def render(cfg: ClusterConfig, profile: str) -> list[dict[str, Any]]:
                 group="serve-workers",
                 serve=True,
                 head_cpus=str(s.head.cpus).removesuffix(".0"),
+                ray_env=INGRESS_ENV[s.ingress],
             ),
         },
     }

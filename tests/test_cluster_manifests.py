@@ -15,6 +15,7 @@ from cluster.manifests import (
     load_cluster_config,
     render,
     serve_config_for_cluster,
+    to_yaml,
     validate,
 )
 from envs.errors import ConfigError
@@ -201,3 +202,31 @@ def test_a_profile_that_cannot_fit_its_env_runners_is_refused(tmp_path):
 def test_the_embedded_serve_config_listens_beyond_loopback_so_the_token_is_required(config):
     cfg = serve_config_for_cluster(config)
     assert cfg["http_options"]["host"] == cfg["applications"][0]["args"]["listen_host"] == "0.0.0.0"
+
+
+def test_the_haproxy_ingress_sets_serves_variables_on_every_serving_pod_only(config):
+    from serve.settings import INGRESS_ENV
+
+    profile = config.profiles["dev"]
+    serving = profile.serving.model_copy(update={"ingress": "haproxy"})
+    cfg = config.model_copy(
+        update={"profiles": {"dev": profile.model_copy(update={"serving": serving})}}
+    )
+    manifests = {m["kind"]: m for m in render(cfg, "dev")}
+    for m in manifests.values():
+        validate(m)
+
+    def ray_env(cluster_spec):
+        pods = [cluster_spec["headGroupSpec"]] + cluster_spec["workerGroupSpecs"]
+        return [
+            {e["name"]: e.get("value") for e in p["template"]["spec"]["containers"][0]["env"]}
+            for p in pods
+        ]
+
+    for env in ray_env(manifests["RayService"]["spec"]["rayClusterConfig"]):
+        assert INGRESS_ENV["haproxy"].items() <= env.items()
+    for env in ray_env(manifests["RayJob"]["spec"]["rayClusterSpec"]):
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in env
+    # The committed profiles keep Serve's proxy: no ingress variables rendered.
+    for m in render(config, "dev"):
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in to_yaml(m)
