@@ -479,6 +479,8 @@ def bench_imitation_cmd(
         f"warm start {r['seconds']:.0f} s, {r['pipeline_steps']:,} pipeline steps; "
         f"validation score {r['validation_score']:.2f} (lower is better)"
     )
+    if save:
+        console.print(f"student written to {save / 'policy'}")
     table = Table(
         title=f"Held-out, {r['eval_episodes']} episodes per scenario", title_justify="left"
     )
@@ -555,6 +557,10 @@ def serve_cmd(
         cfg = with_host_port(
             cfg, host=host or http.get("host", "127.0.0.1"), port=port or http.get("port", 8000)
         )
+        if ingress not in INGRESS_ENV:
+            raise PipemedicError(
+                f"--ingress {ingress!r} is not a known ingress; use one of {', '.join(INGRESS_ENV)}"
+            )
         settings = service_settings(cfg["applications"][0].get("args"))
         settings.api_token()  # refuse an open service beyond loopback before starting Ray
         from checkpoints.policies import CheckpointStore
@@ -565,10 +571,6 @@ def serve_cmd(
                 "(python -m cluster.train --config configs/train.yaml) or import one "
                 "(pipemedic checkpoints import BUNDLE --promote)"
             )
-        if ingress not in INGRESS_ENV:
-            raise PipemedicError(
-                f"--ingress {ingress!r} is not a known ingress; use one of {', '.join(INGRESS_ENV)}"
-            )
         if os.environ.get("RAY_ADDRESS") and INGRESS_ENV[ingress]:
             raise PipemedicError(
                 f"--ingress {ingress} cannot change a running Ray cluster (RAY_ADDRESS is set): "
@@ -576,7 +578,11 @@ def serve_cmd(
                 + " ".join(f"{k}={v}" for k, v in INGRESS_ENV[ingress].items())
                 + " in the environment of `ray start`"
             )
-        os.environ.update(INGRESS_ENV[ingress])  # read by Serve's processes when they start
+        # Read by Serve's processes when they start; the other ingresses' variables are cleared
+        # so that the one asked for is the one that runs.
+        for name in {k for env in INGRESS_ENV.values() for k in env}:
+            os.environ.pop(name, None)
+        os.environ.update(INGRESS_ENV[ingress])
         url = cfg["http_options"]["host"], cfg["http_options"]["port"]
         console.print(
             f"Serving {settings.policy} on http://{url[0]}:{url[1]} through {ingress} (Ctrl-C stops)"

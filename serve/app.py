@@ -55,8 +55,9 @@ RoutedAs = Annotated[
     Header(
         alias=PIPELINE_HEADER,
         description="Routing key. With the HAProxy ingress it picks the replica that keeps "
-        "the pipeline's state. decide: the snapshot's pipeline_id (checked); batch: one key of "
-        "the caller's for the same pipelines every time; feedback: the decision's key.",
+        "the state of the pipelines in the request, so send each pipeline under one key every "
+        "time (DecisionClient: its pipeline_id for single decisions), and feedback under the "
+        "key of its decision.",
     ),
 ]
 #: Response header naming the replica that answered (one process: ``local``).
@@ -176,14 +177,8 @@ def create_api(
         dependencies=[Depends(authorised)],
     )
     async def decide(request: schemas.DecideRequest, routed_as: RoutedAs = None) -> Response:
-        if routed_as is not None and routed_as != request.pipeline_id:
-            raise DecisionError(
-                422,
-                f"the {PIPELINE_HEADER} header names {routed_as!r} but the snapshot is about "
-                f"{request.pipeline_id!r}; send the snapshot's pipeline_id (the header picks the "
-                "replica that keeps that pipeline's state)",
-                f"header.{PIPELINE_HEADER}",
-            )
+        # routed_as (the routing header) only steers HAProxy; the routes declare it so that the
+        # OpenAPI document shows it.
         return _json(decide_counted("decide", [request])[0], answered_by)
 
     @api.post(
@@ -195,8 +190,6 @@ def create_api(
     async def decide_batch(
         batch: schemas.DecideBatchRequest, routed_as: RoutedAs = None
     ) -> Response:
-        # A batch is routed as a whole: its header is the caller's own key, and a pipeline
-        # keeps its state only if it is always sent under the same key (README, "Serving").
         decisions = decide_counted("decide_batch", batch.requests)
         return _json(schemas.DecideBatchResponse(decisions=decisions), answered_by)
 
@@ -207,7 +200,6 @@ def create_api(
         dependencies=[Depends(authorised)],
     )
     async def feedback(fb: schemas.FeedbackRequest, routed_as: RoutedAs = None) -> Response:
-        # routed_as only steers HAProxy to the replica that made the decision.
         answer = service.feedback(fb)
         metrics.feedback.labels(fb.outcome).inc()
         return _json(answer, answered_by)

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from envs.errors import PipemedicError
-from serve.settings import INGRESS_ENV
+from serve.settings import INGRESS_ENV, PIPELINE_HEADER
 
 BATCH = 256
 _LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["X-Pipeline-Id"] = "bench-pipeline"
+wrk.headers["{header}"] = "{pipeline}"
 wrk.body = io.open("{body}"):read("*a")
 done = function(summary, latency, requests)
   io.write(string.format(
@@ -54,7 +54,10 @@ end
 """
 
 
-def snapshot(pipeline_id: str = "bench-pipeline") -> dict[str, Any]:
+BENCH_PIPELINE = "bench-pipeline"
+
+
+def snapshot(pipeline_id: str = BENCH_PIPELINE) -> dict[str, Any]:
     """A realistic snapshot: five stages, a dozen metrics each, pipeline metrics and SLOs."""
     stage = {
         "throughput_in_rps": 120.0,
@@ -105,7 +108,7 @@ def wrk(url: str, body: bytes, *, connections: int, seconds: int, folder: Path) 
     body_file = folder / f"body-{len(body)}.json"
     body_file.write_bytes(body)
     script = folder / f"post-{len(body)}.lua"
-    script.write_text(_LUA.format(body=body_file))
+    script.write_text(_LUA.format(body=body_file, header=PIPELINE_HEADER, pipeline=BENCH_PIPELINE))
     threads = min(connections, 2)
     out = subprocess.run(
         [
@@ -249,7 +252,7 @@ SERVE_VARIANTS: dict[str, tuple[dict[str, str], Callable[[dict[str, Any]], None]
     "replicas without the preset": ({}, _replicas_without_preset),
     "preset in every process": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None),
     # Ray Serve's HAProxy ingress in place of its Python proxy, balancing on the pipeline id
-    # header (what `pipemedic serve --ingress haproxy` sets; serve.launch.INGRESS_ENV).
+    # header (what `pipemedic serve --ingress haproxy` sets; serve.settings.INGRESS_ENV).
     "HAProxy ingress": (INGRESS_ENV["haproxy"], None),
 }
 

@@ -8,11 +8,13 @@
         ...  # carry it out, then:
     medic.feedback(decision["decision_id"], "resolved")
 
-Every call names its pipeline in the ``X-Pipeline-Id`` header (feedback: the decision's
-pipeline, which the client remembers for its last 10,000 decisions), so with the HAProxy ingress
-and several replicas each pipeline is always served by the replica that keeps its state.
-A batch goes under one ``routing_key`` of the caller's choosing: keep it the same for the same
-pipelines.
+Decide, batch and feedback calls carry a routing key in the ``X-Pipeline-Id`` header, so that
+behind the HAProxy ingress with several replicas a pipeline always reaches the replica that
+keeps its state: ``decide`` uses the snapshot's ``pipeline_id`` unless given ``routing_key``;
+``decide_batch`` sends a header only when given ``routing_key`` (keep it the same for the same
+pipelines; without one, batches are spread over replicas, which is fine with one replica);
+``feedback`` reuses the key its decision was made under, remembered for the client's last
+10,000 decisions. A pipeline must always travel under the same key.
 
 Connection failures, timeouts and 408/500/502/503/504 (an overloaded or restarting service) are
 retried with exponential backoff and jitter; 4xx answers are the caller's mistake and raise at
@@ -68,8 +70,8 @@ class DecisionClient:
         #: decision id -> the routing header it was decided under, for feedback.
         self._routed: OrderedDict[str, str] = OrderedDict()
 
-    def decide(self, snapshot: dict[str, Any]) -> dict[str, Any]:
-        key = str(snapshot.get("pipeline_id", ""))
+    def decide(self, snapshot: dict[str, Any], *, routing_key: str | None = None) -> dict[str, Any]:
+        key = routing_key or str(snapshot.get("pipeline_id", ""))
         decision = self._call("POST", "/v1/decide", snapshot, routing_key=key)
         self._remember(decision, key)
         return decision

@@ -277,3 +277,13 @@ def test_a_killed_replica_is_replaced_within_seconds_and_retries_hide_it(decisio
     assert results["failed"] == 0, errors  # every request with retries got its answer
     # Without retries the outage may or may not show: Serve's proxy holds requests while the
     # replica is replaced, up to request_timeout_s; the count is printed above, not asserted.
+
+
+def test_every_decision_names_the_replica_that_answered(api):
+    from serve.app import REPLICA_HEADER
+
+    first = api.post("/v1/decide", snapshot("named-replica"))
+    again = api.post("/v1/decide", snapshot("named-replica"))
+    assert first.status_code == again.status_code == 200
+    # One replica in this service: both answers name it, and it is Serve's id, not "local".
+    assert first.headers[REPLICA_HEADER] == again.headers[REPLICA_HEADER] != "local"
