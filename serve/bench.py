@@ -216,7 +216,7 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
     # Ray Serve, proxy and direct ingress in one deployment (the flag keeps the proxy running),
     # once per variant of Serve's own settings; each variant gets a fresh Ray, because Serve
     # reads these variables when its processes start.
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ.update(INGRESS_ENV["direct"])
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     os.environ["PIPEMEDIC_STORE_URI"] = store
     for label, (env, change) in SERVE_VARIANTS.items():

@@ -17,10 +17,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from envs.errors import ConfigError
 from serve.app import DecisionDeployment
-from serve.settings import service_settings
+from serve.settings import INGRESS_ENV, service_settings
 
 log = logging.getLogger(__name__)
-DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 
 
 def validated(config: dict[str, Any]) -> ServeDeploySchema:
@@ -58,7 +57,7 @@ def start(config: dict[str, Any], *, blocking: bool = False) -> str:
     app, name, prefix = application(config)
     serve.run(app, name=name, route_prefix=prefix, blocking=False)
     url = f"http://{schema.http_options.host}:{schema.http_options.port}"
-    log.info("decision endpoint at %s (direct ingress %s)", url, direct_ingress_enabled())
+    log.info("decision endpoint at %s (ingress: %s)", url, ingress_in_use())
     if blocking:
         import time
 
@@ -70,8 +69,13 @@ def start(config: dict[str, Any], *, blocking: bool = False) -> str:
     return url
 
 
-def direct_ingress_enabled() -> bool:
-    return os.environ.get(DIRECT_INGRESS_ENV, "0") == "1"
+def ingress_in_use() -> str:
+    """The ``INGRESS_ENV`` entry this process's environment selects (the most specific one whose
+    variables are all set; HAProxy implies direct ingress)."""
+    chosen = [
+        n for n, env in INGRESS_ENV.items() if all(os.environ.get(k) == v for k, v in env.items())
+    ]
+    return max(chosen, key=lambda n: len(INGRESS_ENV[n]))
 
 
 def direct_ingress_urls(app_name: str, *, host: str) -> list[str]:

@@ -26,11 +26,12 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DESTRUCTIVE_ACTIONS = ("restart_stage", "rollback_model", "replay_from_backup")
 #: The header that names the pipeline a request is about: with the HAProxy ingress every request
 #: carrying it goes to the same replica, where that pipeline's state (history, cooldowns, the
-#: decisions feedback refers to) lives. ``serve.client.DecisionClient`` always sends it.
+#: decisions feedback refers to) lives. ``serve.client.DecisionClient`` sends it (README,
+#: "Serving": a pipeline always travels under one key).
 PIPELINE_HEADER = "X-Pipeline-Id"
 #: How HTTP reaches the replicas. Ray Serve reads these variables when its processes start, so
 #: they belong in the environment of ``ray start`` / ``serve run`` (``pipemedic serve --ingress``
-#: sets them for its embedded Ray; the RayService sets them on the head pod).
+#: sets them for its embedded Ray; the RayService sets them on every pod, ``serving.ingress``).
 #: ``proxy``: Serve's Python proxy (the default). ``direct``: each replica also answers HTTP on
 #: a port of its own (30000 up; clients must find the ports). ``haproxy``: Ray Serve runs
 #: HAProxy as the ingress on the configured port, forwarding straight to the replicas' own

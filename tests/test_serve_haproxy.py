@@ -68,8 +68,8 @@ def haproxy_url(tmp_path_factory):
             proc.wait()
 
 
-def _replica_of(url: str, pipeline: str, *, header: bool = True) -> str:
-    headers = {PIPELINE_HEADER: pipeline} if header else {}
+def _replica_of(url: str, pipeline: str) -> str:
+    headers = {PIPELINE_HEADER: pipeline}
     r = requests.post(f"{url}/v1/decide", json=snapshot(pipeline), headers=headers, timeout=30)
     assert r.status_code == 200, r.text
     return r.headers[REPLICA_HEADER]
