@@ -12,7 +12,17 @@ what ``--policy hierarchical`` / ``--policy flat`` mean.
 
 ``LearnedPolicy`` is the one code path that turns telemetry into a decision for a learned
 policy: the evaluation harness uses it for ``hierarchical`` and ``flat``, and serving will too.
-Decisions are greedy (the most probable allowed action) unless ``sample=True``.
+Decisions are greedy (the most probable allowed action) unless ``sample=True`` or the bundle
+carries an ``act_threshold``.
+
+The act threshold
+    The top agent (``master``, or ``flat``) splits its probability between *acting* (a
+    delegation; for ``flat`` any remediation) and *waiting* (``observe``, ``escalate``). Greedy
+    choice acts only when one acting choice beats every waiting one, so probability spread
+    over several delegations loses to ``observe`` even when acting as a whole is more likely.
+    With ``act_threshold`` t the top agent acts, with its most probable acting choice, whenever
+    acting as a whole has probability above t, and otherwise waits with its most probable
+    waiting choice. Training picks t (or greedy) by validation score (``cluster.train``).
 """
 
 from __future__ import annotations
@@ -50,6 +60,16 @@ AGENTS_OF_KIND: dict[str, tuple[str, ...]] = {
     "flat": ("flat",),
 }
 _VIEW = {"master": "master", "flat": "master", **{d: d for d in DOMAINS}}
+#: Per top agent, which entries of its layout are acting choices (see the act threshold).
+ACTING: dict[str, np.ndarray] = {
+    "master": np.array([a.startswith("delegate_") for a in MASTER_ACTIONS]),
+    "flat": np.array(
+        [
+            LAYOUTS["flat"].decode(i)[0] not in UNTARGETED_ACTIONS
+            for i in range(LAYOUTS["flat"].size)
+        ]
+    ),
+}
 
 
 def agent_sizes(agent: str) -> tuple[int, int]:
@@ -234,13 +254,23 @@ class LearnedPolicy:
     needs_ground_truth = False
 
     def __init__(
-        self, manifest: dict[str, Any], nets: dict[str, PolicyValueNet], *, sample: bool = False
+        self,
+        manifest: dict[str, Any],
+        nets: dict[str, PolicyValueNet],
+        *,
+        sample: bool = False,
+        act_threshold: float | None = None,
     ):
+        """``act_threshold`` overrides the bundle's own (``manifest["act_threshold"]``; None:
+        greedy); see the module docstring."""
         self.manifest = manifest
         self.name = manifest["kind"]
         self.nets = nets
         self.heads = {agent: NumpyPolicyHead(net) for agent, net in nets.items()}
         self.sample = sample
+        self.act_threshold = (
+            act_threshold if act_threshold is not None else manifest.get("act_threshold")
+        )
         self._rng = np.random.default_rng(0)
 
     @classmethod
@@ -296,6 +326,16 @@ class LearnedPolicy:
             return probs.argmax(axis=1)
         return np.array([self._rng.choice(len(p), p=p / p.sum()) for p in probs])
 
+    def _choose_top(self, agent: str, probs: np.ndarray) -> np.ndarray:
+        """The top agent's choice: greedy, sampled, or by the act threshold."""
+        if self.sample or self.act_threshold is None:
+            return self._choose(probs)
+        acting = ACTING[agent]
+        best_acting = np.where(acting, probs, -1.0).argmax(axis=1)
+        best_waiting = np.where(acting, -1.0, probs).argmax(axis=1)
+        act = probs[:, acting].sum(axis=1) > self.act_threshold
+        return np.where(act, best_acting, best_waiting)
+
     def decide(self, enc: ObservationEncoder) -> Decision:
         """Master → specialist for every pipeline the encoder tracks (after ``enc.update``)."""
         n = enc.n
@@ -311,7 +351,7 @@ class LearnedPolicy:
         else:
             master_probs, obs, mask = self._probs("master", enc, everyone)
             inputs["master"] = (everyone, obs, mask)
-            choice = self._choose(master_probs)
+            choice = self._choose_top("master", master_probs)
             probs_by_agent["master"] = (everyone, master_probs, choice)
             for i, c in enumerate(choice):
                 if not MASTER_ACTIONS[c].startswith("delegate_"):
@@ -324,7 +364,7 @@ class LearnedPolicy:
                 continue
             probs, obs, mask = self._probs(agent, enc, rows)
             inputs[agent] = (rows, obs, mask)
-            index = self._choose(probs)
+            index = self._choose_top(agent, probs) if agent == "flat" else self._choose(probs)
             action[rows], _ = enc.to_sim(agent, index)
             slot[rows] = index % N_SLOTS  # untargeted actions are masked to slot 0
             probs_by_agent[agent] = (rows, probs, index)

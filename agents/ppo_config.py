@@ -68,6 +68,11 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(5, ge=1)
     evaluate_every: int = Field(10, ge=1)
     eval_episodes: int = Field(3, ge=1)
+    act_thresholds: tuple[float, ...] = Field(
+        (),
+        description="act thresholds tried, besides greedy, at every review; the validation "
+        "score picks (agents.inference)",
+    )
     warm_start: WarmStartConfig = WarmStartConfig()
     experience: ExperienceLoggingConfig = ExperienceLoggingConfig()
 

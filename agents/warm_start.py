@@ -98,6 +98,12 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     max_class_weight: float = Field(10.0, ge=1, description="cap on up-weighting rare labels")
     label_smoothing: float = Field(0.05, ge=0, lt=1)
+    specialist_observe_keep: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="share of a specialist's observe labels kept (most steps are quiet)",
+    )
 
 
 class _Samples:
@@ -372,6 +378,7 @@ def warm_start(
             pipelines=cfg.pipelines,
             seed=seed * 1000 + r,
             round_id=r,
+            observe_keep=cfg.specialist_observe_keep,
             teacher=cfg.teacher,
         )
         total += used

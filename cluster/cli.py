@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -288,13 +289,27 @@ def bench_store(
 @bench_app.command("serve")
 def bench_serve_cmd(
     seconds: Annotated[int, typer.Option(min=1, help="Length of each wrk run (s).")] = 5,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Ray Serve settings to measure (repeatable; default all): 'config file', "
+            "'access log on', 'replicas without the preset', 'preset in every process', "
+            "'HAProxy ingress'."
+        ),
+    ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Measure the Serve variants this many times in turn; shows medians."
+        ),
+    ] = 1,
 ) -> None:
     """Decision latency and throughput: in process, plain uvicorn, Ray Serve (proxy and
     direct ingress), side by side in one run (needs wrk: `make bench-serve` installs it)."""
     from serve.bench import BATCH, SERVE_VARIANTS, bench_serve
 
     try:
-        r = bench_serve(seconds=seconds)
+        r = bench_serve(seconds=seconds, variants=variant, rounds=rounds)
     except PipemedicError as exc:
         fail(exc)
     ip = r["in_process"]
@@ -305,7 +320,10 @@ def bench_serve_cmd(
         f"{ip['decide_json'][1]:.3f} ms; batch of {BATCH}: "
         f"{ip['batch_decisions_per_s']:,.0f} decisions/s"
     )
-    table = Table(title="HTTP (wrk, keep-alive)", title_justify="left")
+    title = "HTTP (wrk, keep-alive)"
+    if rounds > 1:
+        title += f": Ray Serve rows are medians of {rounds} rounds (lowest-highest)"
+    table = Table(title=title, title_justify="left")
     for col in (
         "target",
         "c=1 p50 ms",
@@ -318,26 +336,31 @@ def bench_serve_cmd(
         "failed",
     ):
         table.add_column(col, justify="right")
-    rows = {"plain uvicorn": r.get("uvicorn")}
-    for variant, (env, _) in SERVE_VARIANTS.items():
-        serve_rows = r.get(f"serve:{variant}", {})
+    rows = {"plain uvicorn": [r["uvicorn"]] if r.get("uvicorn") else []}
+    for name, (env, _) in SERVE_VARIANTS.items():
+        runs = r.get(f"serve:{name}", [])
         front = "HAProxy" if "RAY_SERVE_ENABLE_HA_PROXY" in env else "proxy"
-        rows[f"Ray Serve ({variant}), {front}"] = serve_rows.get("proxy")
-        rows[f"Ray Serve ({variant}), direct ingress"] = serve_rows.get("direct")
-    for name, row in rows.items():
-        if row is None:
-            table.add_row(name, *["-"] * 8)
+        rows[f"Ray Serve ({name}), {front}"] = [x["proxy"] for x in runs if x.get("proxy")]
+        rows[f"Ray Serve ({name}), direct ingress"] = [x["direct"] for x in runs if x.get("direct")]
+    for name, runs in rows.items():
+        if not runs:
             continue
+
+        def cell(load: str, key: str, fmt: str = ".2f", runs=runs) -> str:
+            values = sorted(x[load][key] for x in runs)
+            text = format(statistics.median(values), fmt)
+            return text if len(values) == 1 else f"{text} ({values[0]:{fmt}}-{values[-1]:{fmt}})"
+
         table.add_row(
             name,
-            f"{row['c1']['p50_ms']:.2f}",
-            f"{row['c1']['p99_ms']:.2f}",
-            f"{row['c1']['rps']:,.0f}",
-            f"{row['c16']['p50_ms']:.2f}",
-            f"{row['c16']['p99_ms']:.2f}",
-            f"{row['c16']['rps']:,.0f}",
-            f"{row['batch']['decisions_per_s']:,.0f}",
-            str(row["c1"]["failed"] + row["c16"]["failed"] + row["batch"]["failed"]),
+            cell("c1", "p50_ms"),
+            cell("c1", "p99_ms"),
+            cell("c1", "rps", ",.0f"),
+            cell("c16", "p50_ms"),
+            cell("c16", "p99_ms"),
+            cell("c16", "rps", ",.0f"),
+            cell("batch", "decisions_per_s", ",.0f"),
+            str(sum(x[load]["failed"] for x in runs for load in ("c1", "c16", "batch"))),
         )
     console.print(table)
 

@@ -93,7 +93,7 @@ def current_nets(algo, cfg: TrainConfig) -> dict[str, PolicyValueNet]:
 
 
 def evaluate_bundle(bundle: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Held-out metrics of a bundle (greedy), in this process: overall and per scenario."""
+    """Held-out metrics of a bundle (deciding as it will when served), in this process."""
     params = load_sim_params(cfg.env.sim_config)
     per_scenario, everything = {}, []
     policy = LearnedPolicy.load(bundle)  # rollout() resets it for every scenario
@@ -167,14 +167,15 @@ def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     return [*mix.files, random]
 
 
-def validation_score(bundle: Path, cfg: TrainConfig) -> float:
-    """The training objective measured on the validation set with the greedy policy: the mean
-    per-episode penalty (SLO-breach steps, incident-open steps, records lost in steps' worth,
-    cost) with the reward weights. Lower is better; it picks the exported policy."""
+def validation_score(bundle: Path, cfg: TrainConfig, act_threshold: float | None = None) -> float:
+    """The training objective measured on the validation set with the greedy policy (or with
+    ``act_threshold``): the mean per-episode penalty (SLO-breach steps, incident-open steps,
+    records lost in steps' worth, cost) with the reward weights. Lower is better; it picks the
+    exported policy."""
     params = load_sim_params(cfg.env.sim_config)
     w = cfg.env.rewards
     total, episodes = 0.0, 0
-    policy = LearnedPolicy.load(bundle)
+    policy = LearnedPolicy.load(bundle, act_threshold=act_threshold)
     for scenario in validation_scenarios(cfg):
         seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
         for m in rollout(policy, scenario, seeds, params=params):
@@ -423,8 +424,16 @@ def _review(
     nets = current_nets(algo, cfg)
     info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
     export_bundle(candidate, cfg.kind, nets, info)
-    score = validation_score(candidate, cfg)
+    score, threshold = validation_score(candidate, cfg), None
+    for t in cfg.act_thresholds:  # the same choice for flat and hierarchical
+        s = validation_score(candidate, cfg, act_threshold=t)
+        if s < score:
+            score, threshold = s, t
+    if threshold is not None:
+        info["act_threshold"] = threshold
+        export_bundle(candidate, cfg.kind, nets, info)
     record["validation_score"] = round(score, 3)
+    record["act_threshold"] = threshold
     state["reviewed_iteration"] = state["iteration"]
     if cfg.held_out:
         record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
@@ -434,7 +443,9 @@ def _review(
         run_id=state["run_id"],
         iteration=state["iteration"],
         pipeline_steps=state["pipeline_steps"],
-        manifest=manifest_for(cfg.kind, nets, {"run_id": state["run_id"]}),
+        manifest=manifest_for(
+            cfg.kind, nets, {"run_id": state["run_id"], "act_threshold": threshold}
+        ),
         eval_metrics={"validation_score": score, "held_out": record.get("eval", {})},
         config=cfg.model_dump(mode="json", by_alias=True),
     )

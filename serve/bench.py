@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +167,27 @@ def _in_process(store: str, repeats: int) -> dict[str, Any]:
     return out
 
 
-def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
-    """Run every measurement; returns the figures (``cluster.cli`` prints the table)."""
+def bench_serve(
+    *,
+    seconds: int = 5,
+    repeats: int = 2000,
+    variants: Sequence[str] | None = None,
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """Run every measurement; returns the figures (``cluster.cli`` prints the table).
+
+    ``variants`` picks Serve settings from ``SERVE_VARIANTS`` (default: all of them);
+    ``rounds`` runs those variants that many times, one after the other in turn, each on a fresh
+    Ray, so ``results["serve:LABEL"]`` is a list with one entry per round: on this 2-core
+    machine the c=1 p99 of one setting has ranged over more than 2x from run to run."""
+    variants = list(variants or SERVE_VARIANTS)
+    unknown = [v for v in variants if v not in SERVE_VARIANTS]
+    if unknown:
+        raise PipemedicError(
+            f"unknown serve variant(s) {unknown}; choose from {list(SERVE_VARIANTS)}"
+        )
+    if rounds < 1:
+        raise PipemedicError(f"rounds must be at least 1, got {rounds}")
     if shutil.which("wrk") is None:
         raise PipemedicError(
             "the serving benchmark drives HTTP load with wrk: apt-get install -y wrk "
@@ -219,17 +238,20 @@ def bench_serve(*, seconds: int = 5, repeats: int = 2000) -> dict[str, Any]:
     os.environ.update(INGRESS_ENV["direct"])
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     os.environ["PIPEMEDIC_STORE_URI"] = store
-    for label, (env, change) in SERVE_VARIANTS.items():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            results[f"serve:{label}"] = _serve_rows(store, measure, change)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    for _ in range(rounds):
+        for label in variants:
+            env, change = SERVE_VARIANTS[label]
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                rows = _serve_rows(store, measure, change)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            results.setdefault(f"serve:{label}", []).append(rows)
     return results
 
 

@@ -199,6 +199,54 @@ def test_inference_decides_master_then_specialist_in_one_call(tmp_path):
     assert "scale_out@transform" in d.action_probs[0]["infra"]
 
 
+def test_the_act_threshold_acts_on_the_total_probability_of_acting(tmp_path):
+    from agents.inference import ACTING, export_bundle, fresh_nets
+    from envs.catalogue import MASTER_ACTIONS
+    from envs.observation import LAYOUTS, ObservationEncoder
+    from envs.params import SimParams
+    from envs.simulator import PipelineSim
+
+    nets = fresh_nets("hierarchical", hidden=(8,))
+    # The master's probabilities, whatever it sees: no delegation beats observe (0.38) alone,
+    # but the three together (0.60) are more likely than waiting.
+    wanted = {
+        "delegate_drift": 0.25,
+        "delegate_infra": 0.30,
+        "delegate_quality": 0.05,
+        "observe": 0.38,
+        "escalate": 0.02,
+    }
+    with torch.no_grad():
+        nets["master"].pi[-1].weight.zero_()
+        nets["master"].pi[-1].bias.copy_(
+            torch.log(torch.tensor([wanted[a] for a in MASTER_ACTIONS]))
+        )
+    scenario = load_scenario(ROOT / EASY)
+    sim = PipelineSim(scenario, n=1)
+    enc = ObservationEncoder(scenario.topology, SimParams(), n=1)
+    enc.update(sim.reset([1]))
+
+    def master_choice(**kw) -> str:
+        export_bundle(tmp_path / "bundle", "hierarchical", nets, kw)
+        d = LearnedPolicy.load(tmp_path / "bundle").decide(enc)
+        return d.specialist[0] or MASTER_ACTIONS[int(d.master_probs[0].argmax())]
+
+    assert master_choice() == "observe"  # greedy
+    assert master_choice(act_threshold=0.5) == "infra"  # the most probable delegation
+    assert master_choice(act_threshold=0.65) == "observe"
+    # The argument overrides the bundle's own threshold.
+    policy = LearnedPolicy.load(tmp_path / "bundle", act_threshold=0.5)
+    assert policy.act_threshold == 0.5 and policy.decide(enc).specialist == ["infra"]
+    # flat: acting is every remediation, waiting is observe and escalate.
+    waiting = {LAYOUTS["flat"].decode(i)[0] for i in np.flatnonzero(~ACTING["flat"])}
+    assert waiting == {"observe", "escalate"}
+    assert [MASTER_ACTIONS[i] for i in np.flatnonzero(ACTING["master"])] == [
+        "delegate_drift",
+        "delegate_infra",
+        "delegate_quality",
+    ]
+
+
 def test_a_bundle_from_other_code_or_missing_files_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no policy bundle"):
         load_bundle(tmp_path / "nothing")
