@@ -98,6 +98,11 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     max_class_weight: float = Field(10.0, ge=1, description="cap on up-weighting rare labels")
     label_smoothing: float = Field(0.05, ge=0, lt=1)
+    label_pending_cures: bool = Field(
+        True,
+        description="label a specialist with its domain's cure while that cure is already under "
+        "way (True), or with observe, as the teacher itself waits (False)",
+    )
     specialist_observe_keep: float = Field(
         0.1,
         gt=0,
@@ -130,22 +135,28 @@ class _Samples:
 
 
 def _domain_labels(
-    env: PipelineMedicEnv, teach_action: np.ndarray, teach_slot: np.ndarray
+    env: PipelineMedicEnv,
+    teach_action: np.ndarray,
+    teach_slot: np.ndarray,
+    *,
+    label_pending_cures: bool = True,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per domain: the best cure (sim action, slot) of the oldest active fault of that domain in
-    each pipeline, cure under way or not; ``observe`` where the domain has no active fault.
-    This is what a specialist should answer if asked now. Where the teacher's own choice
-    this step belongs to a domain (a cure, or capacity it adds), that domain's label is the
-    teacher's choice."""
+    each pipeline with no cure under way; if every one has a cure under way, the oldest one's
+    cure (``label_pending_cures``) or ``observe``; ``observe`` where the domain has no active
+    fault. This is what a specialist should answer if asked now. Where the teacher's own
+    choice this step belongs to a domain (a cure, or capacity it adds), that domain's label is
+    the teacher's choice."""
     truth = env.sim.ground_truth()
     labels = {}
     for d in DOMAINS:
         action = np.full(env.k, OBSERVE, dtype=np.int64)
         slot = np.zeros(env.k, dtype=np.int64)
         in_domain = truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])
-        # Like the oracle: the oldest fault with no cure under way, else the oldest one.
         uncured = in_domain & ~truth.cure_pending
         for i in np.flatnonzero(in_domain.any(axis=1)):
+            if not uncured[i].any() and not label_pending_cures:
+                continue  # the fix is under way: wait, as the teacher does
             k = int(np.argmax(uncured[i] if uncured[i].any() else in_domain[i]))
             cure = best_cure(FAULT_TYPES[truth.types[i, k]])
             action[i] = ACTION_ID[cure.action]
@@ -193,6 +204,7 @@ def collect(
     round_id: int = 0,
     observe_keep: float = 0.1,
     teacher: str = "oracle",
+    label_pending_cures: bool = True,
 ) -> tuple[dict[str, _Samples], int]:
     """Run episodes in the training environment; return labelled samples and the number of
     simulated pipeline steps used.
@@ -221,9 +233,20 @@ def collect(
                 teach_action, teach_stage = oracle.act(env.telemetry, env.sim.ground_truth())
                 teach_slot = env.encoder.slots[teach_stage]
                 follow_teacher = rng.random(env.k) < teacher_share
-                domain = _domain_labels(env, teach_action, teach_slot) if top == MASTER else {}
+                domain = (
+                    _domain_labels(
+                        env, teach_action, teach_slot, label_pending_cures=label_pending_cures
+                    )
+                    if top == MASTER
+                    else {}
+                )
+                truth = env.sim.ground_truth()
                 for d, (action, slot) in domain.items():
-                    _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
+                    # Waiting on a fault of its own domain is a lesson; only quiet steps thin out.
+                    busy = (truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])).any(axis=1)
+                    _add_specialist_samples(
+                        samples[d], env, d, action, slot, rng, observe_keep, keep=busy
+                    )
                 labels = _teacher_labels(env, teach_action, teach_slot, top)
                 for i in range(env.k):
                     aid = agent_id(top, i)
@@ -256,14 +279,17 @@ def collect(
     return samples, used
 
 
-def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep) -> None:
+def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep, keep) -> None:
+    """Append one labelled sample per pipeline; an ``observe`` label is kept with probability
+    ``observe_keep`` unless ``keep`` says so for that pipeline."""
     layout = LAYOUTS[role]
     obs = np.clip(env.encoder.observe(role), -OBS_BOUND, OBS_BOUND)
     mask = env.encoder.action_mask(role)
     for i in range(env.k):
         name = SIM_ACTIONS[action[i]]
         label = layout.encode(name, slot[i] if name != "observe" else 0)
-        if mask[i, label] == 0 or (name == "observe" and rng.random() > observe_keep):
+        thinned = name == "observe" and not keep[i] and rng.random() > observe_keep
+        if mask[i, label] == 0 or thinned:
             continue
         s.obs.append(obs[i])
         s.mask.append(mask[i])
@@ -380,6 +406,7 @@ def warm_start(
             round_id=r,
             observe_keep=cfg.specialist_observe_keep,
             teacher=cfg.teacher,
+            label_pending_cures=cfg.label_pending_cures,
         )
         total += used
         for role, s in data.items():  # DAgger: train on everything collected so far

@@ -292,9 +292,8 @@ def bench_serve_cmd(
     variant: Annotated[
         list[str] | None,
         typer.Option(
-            help="Ray Serve settings to measure (repeatable; default all): 'config file', "
-            "'access log on', 'replicas without the preset', 'preset in every process', "
-            "'HAProxy ingress'."
+            help="Ray Serve settings to measure, by name (repeatable; default all; a wrong "
+            "name lists them; they are SERVE_VARIANTS in serve/bench.py)."
         ),
     ] = None,
     rounds: Annotated[

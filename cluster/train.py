@@ -68,7 +68,7 @@ from envs.errors import CheckpointError, PipemedicError
 from envs.metrics import aggregate
 from envs.multi_agent_env import ScenarioMix
 from envs.params import STEP_SECONDS, load_sim_params
-from envs.scenario import RandomFaults, Scenario, load_scenario
+from envs.scenario import Load, RandomFaults, Scenario, load_scenario
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
@@ -158,9 +158,11 @@ def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     training ones, on seeds training never draws. Never the held-out scenarios."""
     env = cfg.env_config()
     mix = ScenarioMix(env)
+    steps = env.random.duration_steps
     random = Scenario(
         name="validation-random",
-        duration_steps=env.random.duration_steps,
+        duration_steps=steps,
+        load=Load(bursts=mix.bursts(np.random.default_rng(cfg.seed + 7), steps)),
         random_faults=RandomFaults(rate_per_hour=env.random.rate_per_hour),
         seed=cfg.seed + 7,
     )

@@ -42,7 +42,7 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
 from envs.observation import LAYOUTS, OBS_BOUND, ObservationEncoder, observation_size
 from envs.params import STEP_SECONDS, SimParams
-from envs.scenario import Load, RandomFaults, Scenario
+from envs.scenario import Burst, Load, RandomFaults, Scenario
 from envs.simulator import PipelineSim
 
 MASTER = "master"
@@ -70,6 +70,12 @@ class RandomTraining(BaseModel):
     share: float = Field(0.5, ge=0, le=1, description="share of episodes drawn at random")
     rate_per_hour: float = Field(6.0, gt=0)
     duration_steps: int = Field(180, ge=10)
+    bursts_per_hour: float = Field(
+        0.0,
+        ge=0,
+        description="traffic bursts that are not faults (the load grows 1.5-2.5x for 1-5 min, "
+        "then falls back), at random times",
+    )
 
 
 class EnvConfig(BaseModel):
@@ -109,13 +115,32 @@ class ScenarioMix:
 
     def draw(self, rng: np.random.Generator) -> Scenario:
         if not self.files or rng.random() < self.random.share:
+            steps = self.random.duration_steps
+            pattern = "diurnal" if rng.random() < 0.5 else "flat"
             return Scenario(
                 name="random-training",
-                duration_steps=self.random.duration_steps,
-                load=Load(pattern="diurnal" if rng.random() < 0.5 else "flat"),
+                duration_steps=steps,
+                load=Load(pattern=pattern, bursts=self.bursts(rng, steps)),
                 random_faults=RandomFaults(rate_per_hour=self.random.rate_per_hour),
             )
         return self.files[int(rng.integers(len(self.files)))]
+
+    def bursts(self, rng: np.random.Generator, steps: int) -> tuple[Burst, ...]:
+        """Traffic bursts with no fault behind them: a busy hour is not an incident, and a
+        policy that has only ever seen load jump during a ``traffic_surge`` fault learns to
+        throttle (shed records) where capacity is the answer."""
+        rate = self.random.bursts_per_hour
+        if rate == 0:
+            return ()
+        n = rng.poisson(rate * steps * STEP_SECONDS / 3600)
+        return tuple(
+            Burst(
+                at=int(rng.integers(steps)),
+                factor=float(rng.uniform(1.5, 2.5)),
+                duration=int(rng.integers(6, 31)),
+            )
+            for _ in range(n)
+        )
 
 
 class PipelineMedicEnv(MultiAgentEnv):
