@@ -274,21 +274,18 @@ SERVE_VARIANTS: dict[str, tuple[dict[str, str], Callable[[dict[str, Any]], None]
     "replicas without the preset": ({}, _replicas_without_preset),
     "preset in every process": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None),
     # Ray Serve's HAProxy ingress in place of its Python proxy, balancing on the pipeline id
-    # header (what `pipemedic serve --ingress haproxy` sets; serve.settings.INGRESS_ENV).
+    # header, with Serve's per-request HTTP metrics off (what `pipemedic serve --ingress
+    # haproxy` sets; serve.settings.INGRESS_ENV).
     "HAProxy ingress": (INGRESS_ENV["haproxy"], None),
-    # Levers of the HAProxy ingress: its per-request Serve metrics (HAProxy logs every request
-    # to a socket that a Python process parses; our own /metrics do not depend on them), and
-    # its thread count (4 by default, on a 2-core machine here).
-    "HAProxy, request metrics off": (
-        {**INGRESS_ENV["haproxy"], "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+    # Levers of the HAProxy ingress: Ray's default of per-request Serve metrics (HAProxy logs
+    # every request to a socket that a Python process parses), and HAProxy's thread count (4
+    # by default, on a 2-core machine here).
+    "HAProxy, request metrics on": (
+        {**INGRESS_ENV["haproxy"], "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"},
         None,
     ),
-    "HAProxy, request metrics off, 2 threads": (
-        {
-            **INGRESS_ENV["haproxy"],
-            "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
-            "RAY_SERVE_HAPROXY_NBTHREAD": "2",
-        },
+    "HAProxy, 2 threads": (
+        {**INGRESS_ENV["haproxy"], "RAY_SERVE_HAPROXY_NBTHREAD": "2"},
         None,
     ),
 }

@@ -35,13 +35,17 @@ PIPELINE_HEADER = "X-Pipeline-Id"
 #: ``proxy``: Serve's Python proxy (the default). ``direct``: each replica also answers HTTP on
 #: a port of its own (30000 up; clients must find the ports). ``haproxy``: Ray Serve runs
 #: HAProxy as the ingress on the configured port, forwarding straight to the replicas' own
-#: ports and choosing the replica by a hash of ``PIPELINE_HEADER`` (round robin without it).
+#: ports and choosing the replica by a hash of ``PIPELINE_HEADER`` (round robin without it),
+#: with Serve's per-request HTTP metrics off: HAProxy would log every request to a socket that
+#: a Python process parses, which cost c=1 p99 on a 2-core machine (README, "Serving
+#: latency"); the app's own /metrics count and time every decision anyway.
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
     "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
     "haproxy": {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": f"hdr({PIPELINE_HEADER.lower()})",
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     },
 }
 

@@ -145,3 +145,20 @@ def test_random_training_scenarios_are_valid_and_vary():
         fault_counts.add(int(env.sim.f_valid.sum()))
     assert env.scenario.duration_steps == 30
     assert patterns == {"flat", "diurnal"} and len(fault_counts) > 1
+
+
+def test_random_training_scenarios_get_traffic_bursts_only_when_asked():
+    quiet = PipelineMedicEnv(EnvConfig(random={"share": 1.0, "duration_steps": 180}, pipelines=1))
+    bursty = PipelineMedicEnv(
+        EnvConfig(random={"share": 1.0, "duration_steps": 180, "bursts_per_hour": 4}, pipelines=1)
+    )
+    bursts = []
+    for seed in range(20):
+        quiet.reset(seed=seed)
+        bursty.reset(seed=seed)
+        assert quiet.scenario.load.bursts == ()
+        bursts += bursty.scenario.load.bursts
+    # 4 per hour over 30-minute episodes: about 2 per episode.
+    assert 20 <= len(bursts) <= 60
+    assert all(1.5 <= b.factor <= 2.5 and 6 <= b.duration <= 30 for b in bursts)
+    assert all(0 <= b.at < 180 for b in bursts)

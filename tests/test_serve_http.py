@@ -287,3 +287,16 @@ def test_every_decision_names_the_replica_that_answered(api):
     assert first.status_code == again.status_code == 200
     # One replica in this service: both answers name it, and it is Serve's id, not "local".
     assert first.headers[REPLICA_HEADER] == again.headers[REPLICA_HEADER] != "local"
+
+
+def test_bench_serve_names_an_unknown_variant_before_measuring_anything():
+    from envs.errors import PipemedicError
+    from serve.bench import SERVE_VARIANTS, bench_serve
+
+    with pytest.raises(PipemedicError, match="unknown serve variant") as info:
+        bench_serve(variants=["HAProxy ingress", "no such thing"])
+    assert "'no such thing'" in str(info.value) and all(
+        v in str(info.value) for v in SERVE_VARIANTS
+    )
+    with pytest.raises(PipemedicError, match="rounds must be at least 1"):
+        bench_serve(rounds=0)
