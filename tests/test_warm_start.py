@@ -13,19 +13,28 @@ from envs.observation import LAYOUTS
 from envs.scenario import Scenario
 from tests.conftest import single_fault_scenario
 
+# A later stage than ingest: slot 0 is also the labels' default, so it would prove nothing.
+LEAK_AT_TRANSFORM = Scenario.model_validate(
+    {
+        "name": "leak-at-transform",
+        "duration_steps": 20,
+        "faults": [{"type": "memory_leak", "stage": "transform", "at": 1, "severity": 0.8}],
+    }
+)
+
+
+def leak_env_with_fault_active(pipelines: int) -> PipelineMedicEnv:
+    env = PipelineMedicEnv(
+        EnvConfig(scenarios=(LEAK_AT_TRANSFORM,), random={"share": 0.0}, pipelines=pipelines)
+    )
+    env.reset(seed=0)
+    env.step({f"master/{i}": 3 for i in range(pipelines)})  # observe: the fault is now active
+    return env
+
 
 def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
-    # A later stage than ingest: slot 0 is also the labels' default, so it would prove nothing.
-    scenario = Scenario.model_validate(
-        {
-            "name": "leak-at-transform",
-            "duration_steps": 20,
-            "faults": [{"type": "memory_leak", "stage": "transform", "at": 1, "severity": 0.8}],
-        }
-    )
-    env = PipelineMedicEnv(EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=2))
-    env.reset(seed=0)
-    env.step({"master/0": 3, "master/1": 3})  # observe: the fault is now active
+    env = leak_env_with_fault_active(2)
+    scenario = LEAK_AT_TRANSFORM
     teacher_observes = np.full(2, ACTION_ID["observe"]), np.zeros(2, dtype=np.int64)
     labels = _domain_labels(env, *teacher_observes)
     stage = STAGES.index(scenario.faults[0].stage)
@@ -43,16 +52,7 @@ def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
 
 
 def test_a_specialist_waits_while_its_cure_is_under_way_if_so_configured():
-    scenario = Scenario.model_validate(
-        {
-            "name": "leak-at-transform",
-            "duration_steps": 20,
-            "faults": [{"type": "memory_leak", "stage": "transform", "at": 1, "severity": 0.8}],
-        }
-    )
-    env = PipelineMedicEnv(EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=4))
-    env.reset(seed=0)
-    env.step({f"master/{i}": 3 for i in range(4)})  # observe: the fault is now active
+    env = leak_env_with_fault_active(4)
     restart = LAYOUTS["infra"].encode("restart_stage", STAGES.index("transform"))
     env.step({f"master/{i}": 1 for i in range(4)})  # delegate_infra
     env.step({f"infra/{i}": restart for i in range(4)})
