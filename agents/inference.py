@@ -23,6 +23,9 @@ The act threshold
     With ``act_threshold`` t the top agent acts, with its most probable acting choice, whenever
     acting as a whole has probability above t, and otherwise waits with its most probable
     waiting choice. Training picks t (or greedy) by validation score (``cluster.train``).
+    Serving reports the chosen choice's probability as its confidence, and a delegation chosen
+    by the threshold can be below 0.5, so with a threshold the service's ``escalate_below``
+    guardrail escalates more often than validation (which has no guardrails) shows.
 """
 
 from __future__ import annotations
@@ -60,15 +63,14 @@ AGENTS_OF_KIND: dict[str, tuple[str, ...]] = {
     "flat": ("flat",),
 }
 _VIEW = {"master": "master", "flat": "master", **{d: d for d in DOMAINS}}
-#: Per top agent, which entries of its layout are acting choices (see the act threshold).
+#: The top agent's choices that wait instead of acting (see the act threshold).
+WAITING = frozenset({"observe", "escalate"})
+#: Per top agent, which entries of its layout are acting choices.
 ACTING: dict[str, np.ndarray] = {
-    "master": np.array([a.startswith("delegate_") for a in MASTER_ACTIONS]),
-    "flat": np.array(
-        [
-            LAYOUTS["flat"].decode(i)[0] not in UNTARGETED_ACTIONS
-            for i in range(LAYOUTS["flat"].size)
-        ]
-    ),
+    agent: np.array(
+        [LAYOUTS[agent].decode(i)[0] not in WAITING for i in range(LAYOUTS[agent].size)]
+    )
+    for agent in ("master", "flat")
 }
 
 
@@ -271,6 +273,10 @@ class LearnedPolicy:
         self.act_threshold = (
             act_threshold if act_threshold is not None else manifest.get("act_threshold")
         )
+        if self.act_threshold is not None and not 0 < self.act_threshold < 1:
+            raise CheckpointError(
+                f"act_threshold must lie strictly between 0 and 1, got {self.act_threshold}"
+            )
         self._rng = np.random.default_rng(0)
 
     @classmethod

@@ -9,7 +9,7 @@ name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -68,7 +68,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(5, ge=1)
     evaluate_every: int = Field(10, ge=1)
     eval_episodes: int = Field(3, ge=1)
-    act_thresholds: tuple[float, ...] = Field(
+    act_thresholds: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
         (),
         description="act thresholds tried, besides greedy, at every review; the validation "
         "score picks (agents.inference)",

@@ -212,7 +212,9 @@ def collect(
     The acting role (master or flat) is labelled with the oracle's decision on every step it
     acts; its rewards are recorded for the value fit. Specialists are labelled on every step,
     asked or not, with their domain's cure (``_domain_labels``); as most steps are quiet, only
-    ``observe_keep`` of their ``observe`` labels are kept.
+    ``observe_keep`` of their ``observe`` labels on steps with no fault of their domain are
+    kept (``observe`` while a fault of the domain is open, which only ``label_pending_cures``
+    off produces, is always kept).
     """
     env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
     rng = np.random.default_rng(seed)
@@ -242,7 +244,8 @@ def collect(
                 )
                 truth = env.sim.ground_truth()
                 for d, (action, slot) in domain.items():
-                    # Waiting on a fault of its own domain is a lesson; only quiet steps thin out.
+                    # With label_pending_cures off, waiting on a fault of its own domain whose
+                    # cure is under way is a lesson: only quiet steps' observe labels thin out.
                     busy = (truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])).any(axis=1)
                     _add_specialist_samples(
                         samples[d], env, d, action, slot, rng, observe_keep, keep=busy

@@ -303,8 +303,9 @@ def bench_serve_cmd(
         ),
     ] = 1,
 ) -> None:
-    """Decision latency and throughput: in process, plain uvicorn, Ray Serve (proxy and
-    direct ingress), side by side in one run (needs wrk: `make bench-serve` installs it)."""
+    """Decision latency and throughput: in process, plain uvicorn, Ray Serve (proxy, direct
+    ingress, HAProxy ingress) under each Serve setting compared, side by side in one run
+    (needs wrk: `make bench-serve` installs it)."""
     from serve.bench import BATCH, SERVE_VARIANTS, bench_serve
 
     try:
@@ -332,7 +333,7 @@ def bench_serve_cmd(
         "c=16 p99 ms",
         "c=16 req/s",
         f"batch ({BATCH}) decisions/s",
-        "failed",
+        "failed (all rounds)",
     ):
         table.add_column(col, justify="right")
     rows = {"plain uvicorn": [r["uvicorn"]] if r.get("uvicorn") else []}

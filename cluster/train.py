@@ -93,7 +93,7 @@ def current_nets(algo, cfg: TrainConfig) -> dict[str, PolicyValueNet]:
 
 
 def evaluate_bundle(bundle: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Held-out metrics of a bundle (deciding as it will when served), in this process."""
+    """Held-out metrics of a bundle (with its own act threshold, if any), in this process."""
     params = load_sim_params(cfg.env.sim_config)
     per_scenario, everything = {}, []
     policy = LearnedPolicy.load(bundle)  # rollout() resets it for every scenario
@@ -155,7 +155,9 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
 
 def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     """The validation set: the training scenario files and one random-fault scenario like the
-    training ones, on seeds training never draws. Never the held-out scenarios."""
+    training ones, on seeds training never draws. Never the held-out scenarios. The random
+    scenario's traffic bursts are drawn once from the seed, so every validation episode shares
+    them (and a seed may draw none)."""
     env = cfg.env_config()
     mix = ScenarioMix(env)
     steps = env.random.duration_steps
@@ -177,7 +179,8 @@ def validation_score(bundle: Path, cfg: TrainConfig, act_threshold: float | None
     params = load_sim_params(cfg.env.sim_config)
     w = cfg.env.rewards
     total, episodes = 0.0, 0
-    policy = LearnedPolicy.load(bundle, act_threshold=act_threshold)
+    policy = LearnedPolicy.load(bundle)
+    policy.act_threshold = act_threshold  # None is greedy, whatever the bundle says
     for scenario in validation_scenarios(cfg):
         seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
         for m in rollout(policy, scenario, seeds, params=params):

@@ -74,7 +74,7 @@ class RandomTraining(BaseModel):
         0.0,
         ge=0,
         description="traffic bursts that are not faults (the load grows 1.5-2.5x for 1-5 min, "
-        "then falls back), at random times",
+        "then falls back; overlapping bursts multiply), at random times",
     )
 
 

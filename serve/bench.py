@@ -5,13 +5,15 @@ Four ways to reach the same policy and service code, measured one after the othe
 1. in process: ``DecisionService.decide`` on a parsed request (and the same with JSON parsing
    and serialisation, what the HTTP layer adds in Python);
 2. plain uvicorn: ``serve.app.create_plain_app`` in its own process (one worker);
-3. Ray Serve through its HTTP proxy (``http_options.port``);
+3. Ray Serve through its front door on ``http_options.port``: the Python proxy, or in the
+   HAProxy variants Ray Serve's HAProxy ingress;
 4. Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the replica answers HTTP
    itself on a port the controller hands out (30000 up).
 
-3 and 4 run once per entry of ``SERVE_VARIANTS`` (the config file as it is, with the access
-log back on, without Ray's "throughput optimized" preset in the replicas, and with the preset in
-every Ray process), each on a fresh Ray.
+3 and 4 run once per chosen entry of ``SERVE_VARIANTS`` (the config file as it is, with the
+access log back on, without Ray's "throughput optimized" preset in the replicas, with the preset
+in every Ray process, and the HAProxy ingress with its levers), each on a fresh Ray, and
+``rounds`` times over.
 
 HTTP load comes from ``wrk`` (C, keep-alive connections; Debian package ``wrk``) with a Lua
 script that posts the snapshot and prints the latency percentiles as JSON. Every HTTP target
@@ -180,7 +182,7 @@ def bench_serve(
     ``rounds`` runs those variants that many times, one after the other in turn, each on a fresh
     Ray, so ``results["serve:LABEL"]`` is a list with one entry per round: on this 2-core
     machine the c=1 p99 of one setting has ranged over more than 2x from run to run."""
-    variants = list(variants or SERVE_VARIANTS)
+    variants = list(dict.fromkeys(variants or SERVE_VARIANTS))  # each once, in the order given
     unknown = [v for v in variants if v not in SERVE_VARIANTS]
     if unknown:
         raise PipemedicError(
@@ -274,12 +276,12 @@ SERVE_VARIANTS: dict[str, tuple[dict[str, str], Callable[[dict[str, Any]], None]
     "replicas without the preset": ({}, _replicas_without_preset),
     "preset in every process": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None),
     # Ray Serve's HAProxy ingress in place of its Python proxy, balancing on the pipeline id
-    # header, with Serve's per-request HTTP metrics off (what `pipemedic serve --ingress
-    # haproxy` sets; serve.settings.INGRESS_ENV).
+    # header, with HAProxy's request metrics off (the replica records them instead; what
+    # `pipemedic serve --ingress haproxy` sets; serve.settings.INGRESS_ENV).
     "HAProxy ingress": (INGRESS_ENV["haproxy"], None),
-    # Levers of the HAProxy ingress: Ray's default of per-request Serve metrics (HAProxy logs
-    # every request to a socket that a Python process parses), and HAProxy's thread count (4
-    # by default, on a 2-core machine here).
+    # Levers of the HAProxy ingress: Ray's default for request metrics (HAProxy logs every
+    # request to a socket that a separate Python process parses), and HAProxy's thread count
+    # (4 by default, on a 2-core machine here).
     "HAProxy, request metrics on": (
         {**INGRESS_ENV["haproxy"], "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"},
         None,

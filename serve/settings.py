@@ -36,9 +36,10 @@ PIPELINE_HEADER = "X-Pipeline-Id"
 #: a port of its own (30000 up; clients must find the ports). ``haproxy``: Ray Serve runs
 #: HAProxy as the ingress on the configured port, forwarding straight to the replicas' own
 #: ports and choosing the replica by a hash of ``PIPELINE_HEADER`` (round robin without it),
-#: with Serve's per-request HTTP metrics off: HAProxy would log every request to a socket that
-#: a Python process parses, which cost c=1 p99 on a 2-core machine (README, "Serving
-#: latency"); the app's own /metrics count and time every decision anyway.
+#: with HAProxy's request metrics off: by default HAProxy logs every request to a socket that
+#: a separate Python process of Serve parses into Serve's HTTP metrics; with this off the
+#: replica records those metrics itself, which was faster at c=1 on a 2-core machine (README,
+#: "Serving latency").
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
     "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},

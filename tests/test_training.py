@@ -201,7 +201,7 @@ def test_inference_decides_master_then_specialist_in_one_call(tmp_path):
 
 def test_the_act_threshold_acts_on_the_total_probability_of_acting(tmp_path):
     from agents.inference import ACTING, export_bundle, fresh_nets
-    from envs.catalogue import MASTER_ACTIONS
+    from envs.catalogue import MASTER_ACTIONS, SIM_ACTIONS
     from envs.observation import LAYOUTS, ObservationEncoder
     from envs.params import SimParams
     from envs.simulator import PipelineSim
@@ -229,14 +229,32 @@ def test_the_act_threshold_acts_on_the_total_probability_of_acting(tmp_path):
     def master_choice(**kw) -> str:
         export_bundle(tmp_path / "bundle", "hierarchical", nets, kw)
         d = LearnedPolicy.load(tmp_path / "bundle").decide(enc)
-        return d.specialist[0] or MASTER_ACTIONS[int(d.master_probs[0].argmax())]
+        return MASTER_ACTIONS[d.chosen[0]["master"][0]].removeprefix("delegate_")
 
     assert master_choice() == "observe"  # greedy
     assert master_choice(act_threshold=0.5) == "infra"  # the most probable delegation
     assert master_choice(act_threshold=0.65) == "observe"
-    # The argument overrides the bundle's own threshold.
+    # The argument overrides the bundle's own threshold; sampling ignores it.
     policy = LearnedPolicy.load(tmp_path / "bundle", act_threshold=0.5)
     assert policy.act_threshold == 0.5 and policy.decide(enc).specialist == ["infra"]
+    sampled = LearnedPolicy.load(tmp_path / "bundle", act_threshold=0.5, sample=True)
+    picks = {MASTER_ACTIONS[sampled.decide(enc).chosen[0]["master"][0]] for _ in range(200)}
+    assert {"observe", "delegate_drift", "delegate_infra"} <= picks
+    with pytest.raises(CheckpointError, match="act_threshold"):
+        LearnedPolicy.load(tmp_path / "bundle", act_threshold=1.5)
+    # flat: the same rule over every remediation against observe and escalate.
+    flat = fresh_nets("flat", hidden=(8,))
+    flat_probs = np.full(LAYOUTS["flat"].size, 1e-6)
+    flat_probs[LAYOUTS["flat"].encode("observe")] = 0.45
+    flat_probs[LAYOUTS["flat"].encode("scale_out", 2)] = 0.3
+    flat_probs[LAYOUTS["flat"].encode("failover", 2)] = 0.25
+    with torch.no_grad():
+        flat["flat"].pi[-1].weight.zero_()
+        flat["flat"].pi[-1].bias.copy_(torch.log(torch.tensor(flat_probs, dtype=torch.float32)))
+    for kw, expected in (({}, "observe"), ({"act_threshold": 0.5}, "scale_out")):
+        export_bundle(tmp_path / "flat", "flat", flat, kw)
+        d = LearnedPolicy.load(tmp_path / "flat").decide(enc)
+        assert SIM_ACTIONS[d.action[0]] == expected, kw
     # flat: acting is every remediation, waiting is observe and escalate.
     waiting = {LAYOUTS["flat"].decode(i)[0] for i in np.flatnonzero(~ACTING["flat"])}
     assert waiting == {"observe", "escalate"}
