@@ -59,6 +59,7 @@ from envs.multi_agent_env import (
     split_agent_id,
 )
 from envs.observation import LAYOUTS, MODEL_SLOT
+from envs.simulator import GroundTruth
 
 log = logging.getLogger(__name__)
 OBSERVE = ACTION_ID["observe"]
@@ -98,11 +99,6 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     max_class_weight: float = Field(10.0, ge=1, description="cap on up-weighting rare labels")
     label_smoothing: float = Field(0.05, ge=0, lt=1)
-    label_pending_cures: bool = Field(
-        True,
-        description="label a specialist with its domain's cure while that cure is already under "
-        "way (True), or with observe, as the teacher itself waits (False)",
-    )
     specialist_observe_keep: float = Field(
         0.1,
         gt=0,
@@ -138,25 +134,22 @@ def _domain_labels(
     env: PipelineMedicEnv,
     teach_action: np.ndarray,
     teach_slot: np.ndarray,
-    *,
-    label_pending_cures: bool = True,
+    truth: GroundTruth | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per domain: the best cure (sim action, slot) of the oldest active fault of that domain in
-    each pipeline with no cure under way; if every one has a cure under way, the oldest one's
-    cure (``label_pending_cures``) or ``observe``; ``observe`` where the domain has no active
-    fault. This is what a specialist should answer if asked now. Where the teacher's own
-    choice this step belongs to a domain (a cure, or capacity it adds), that domain's label is
-    the teacher's choice."""
-    truth = env.sim.ground_truth()
+    each pipeline, cure under way or not; ``observe`` where the domain has no active fault.
+    This is what a specialist should answer if asked now. Where the teacher's own choice
+    this step belongs to a domain (a cure, or capacity it adds), that domain's label is the
+    teacher's choice. ``truth``: this step's ground truth, if the caller has it already."""
+    truth = truth if truth is not None else env.sim.ground_truth()
     labels = {}
     for d in DOMAINS:
         action = np.full(env.k, OBSERVE, dtype=np.int64)
         slot = np.zeros(env.k, dtype=np.int64)
         in_domain = truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])
+        # Like the oracle: the oldest fault with no cure under way, else the oldest one.
         uncured = in_domain & ~truth.cure_pending
         for i in np.flatnonzero(in_domain.any(axis=1)):
-            if not uncured[i].any() and not label_pending_cures:
-                continue  # the fix is under way: wait, as the teacher does
             k = int(np.argmax(uncured[i] if uncured[i].any() else in_domain[i]))
             cure = best_cure(FAULT_TYPES[truth.types[i, k]])
             action[i] = ACTION_ID[cure.action]
@@ -204,7 +197,6 @@ def collect(
     round_id: int = 0,
     observe_keep: float = 0.1,
     teacher: str = "oracle",
-    label_pending_cures: bool = True,
 ) -> tuple[dict[str, _Samples], int]:
     """Run episodes in the training environment; return labelled samples and the number of
     simulated pipeline steps used.
@@ -212,9 +204,7 @@ def collect(
     The acting role (master or flat) is labelled with the oracle's decision on every step it
     acts; its rewards are recorded for the value fit. Specialists are labelled on every step,
     asked or not, with their domain's cure (``_domain_labels``); as most steps are quiet, only
-    ``observe_keep`` of their ``observe`` labels on steps with no fault of their domain are
-    kept (``observe`` while a fault of the domain is open, which only ``label_pending_cures``
-    off produces, is always kept).
+    ``observe_keep`` of their ``observe`` labels are kept.
     """
     env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
     rng = np.random.default_rng(seed)
@@ -232,24 +222,15 @@ def collect(
             actions = {}
             if any(split_agent_id(a)[0] == top for a in obs):
                 used += env.k
-                teach_action, teach_stage = oracle.act(env.telemetry, env.sim.ground_truth())
+                truth = env.sim.ground_truth()
+                teach_action, teach_stage = oracle.act(env.telemetry, truth)
                 teach_slot = env.encoder.slots[teach_stage]
                 follow_teacher = rng.random(env.k) < teacher_share
                 domain = (
-                    _domain_labels(
-                        env, teach_action, teach_slot, label_pending_cures=label_pending_cures
-                    )
-                    if top == MASTER
-                    else {}
+                    _domain_labels(env, teach_action, teach_slot, truth) if top == MASTER else {}
                 )
-                truth = env.sim.ground_truth()
                 for d, (action, slot) in domain.items():
-                    # With label_pending_cures off, waiting on a fault of its own domain whose
-                    # cure is under way is a lesson: only quiet steps' observe labels thin out.
-                    busy = (truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])).any(axis=1)
-                    _add_specialist_samples(
-                        samples[d], env, d, action, slot, rng, observe_keep, keep=busy
-                    )
+                    _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
                 labels = _teacher_labels(env, teach_action, teach_slot, top)
                 for i in range(env.k):
                     aid = agent_id(top, i)
@@ -282,17 +263,16 @@ def collect(
     return samples, used
 
 
-def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep, keep) -> None:
+def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep) -> None:
     """Append one labelled sample per pipeline; an ``observe`` label is kept with probability
-    ``observe_keep`` unless ``keep`` says so for that pipeline."""
+    ``observe_keep``."""
     layout = LAYOUTS[role]
     obs = np.clip(env.encoder.observe(role), -OBS_BOUND, OBS_BOUND)
     mask = env.encoder.action_mask(role)
     for i in range(env.k):
         name = SIM_ACTIONS[action[i]]
         label = layout.encode(name, slot[i] if name != "observe" else 0)
-        thinned = name == "observe" and not keep[i] and rng.random() > observe_keep
-        if mask[i, label] == 0 or thinned:
+        if mask[i, label] == 0 or (name == "observe" and rng.random() > observe_keep):
             continue
         s.obs.append(obs[i])
         s.mask.append(mask[i])
@@ -409,7 +389,6 @@ def warm_start(
             round_id=r,
             observe_keep=cfg.specialist_observe_keep,
             teacher=cfg.teacher,
-            label_pending_cures=cfg.label_pending_cures,
         )
         total += used
         for role, s in data.items():  # DAgger: train on everything collected so far

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from envs.errors import PipemedicError
 from serve.settings import INGRESS_ENV, PIPELINE_HEADER
@@ -243,16 +244,8 @@ def bench_serve(
     for _ in range(rounds):
         for label in variants:
             env, change = SERVE_VARIANTS[label]
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, env):  # set for this variant, restored after
                 rows = _serve_rows(store, measure, change)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             results.setdefault(f"serve:{label}", []).append(rows)
     return results
 

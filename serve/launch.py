@@ -17,7 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from envs.errors import ConfigError
 from serve.app import DecisionDeployment
-from serve.settings import INGRESS_ENV, service_settings
+from serve.settings import INGRESS_SWITCH, service_settings
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,10 @@ def start(config: dict[str, Any], *, blocking: bool = False) -> str:
 
 
 def ingress_in_use() -> str:
-    """The ``INGRESS_ENV`` entry this process's environment selects (the most specific one whose
-    variables are all set; HAProxy implies direct ingress)."""
-    chosen = [
-        n for n, env in INGRESS_ENV.items() if all(os.environ.get(k) == v for k, v in env.items())
-    ]
-    return max(chosen, key=lambda n: len(INGRESS_ENV[n]))
+    """The ingress this process's environment switches on (``INGRESS_SWITCH``; HAProxy wins,
+    as it implies direct ingress), for the log; ``proxy`` when neither is on."""
+    on = [name for name, var in INGRESS_SWITCH.items() if os.environ.get(var) == "1"]
+    return on[0] if on else "proxy"
 
 
 def direct_ingress_urls(app_name: str, *, host: str) -> list[str]:

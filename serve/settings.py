@@ -40,11 +40,16 @@ PIPELINE_HEADER = "X-Pipeline-Id"
 #: a separate Python process of Serve parses into Serve's HTTP metrics; with this off the
 #: replica records those metrics itself, which was faster at c=1 on a 2-core machine (README,
 #: "Serving latency").
+#: The variable that turns each non-default ingress on, most specific first.
+INGRESS_SWITCH = {
+    "haproxy": "RAY_SERVE_ENABLE_HA_PROXY",
+    "direct": "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+}
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
-    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "direct": {INGRESS_SWITCH["direct"]: "1"},
     "haproxy": {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        INGRESS_SWITCH["haproxy"]: "1",
         "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": f"hdr({PIPELINE_HEADER.lower()})",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     },

@@ -226,3 +226,20 @@ def test_self_test_passes_for_a_working_policy_and_fails_for_a_broken_one(tmp_pa
     svc.policy.nets["master"].pi[0].weight.data[:] = np.nan
     with pytest.raises(RuntimeError, match="cannot decide"):
         svc.self_test()
+
+
+def test_the_ingress_in_use_is_named_by_its_switch_variable(monkeypatch):
+    from serve.launch import ingress_in_use
+    from serve.settings import INGRESS_ENV, INGRESS_SWITCH
+
+    for var in INGRESS_SWITCH.values():
+        monkeypatch.delenv(var, raising=False)
+    assert ingress_in_use() == "proxy"
+    for name in ("direct", "haproxy"):
+        for var, value in INGRESS_ENV[name].items():
+            monkeypatch.setenv(var, value)
+        assert ingress_in_use() == name
+    # HAProxy switched on by hand, without the other variables pipemedic sets, is still HAProxy.
+    monkeypatch.delenv(INGRESS_SWITCH["direct"])
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_ENABLED")
+    assert ingress_in_use() == "haproxy"

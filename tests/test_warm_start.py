@@ -51,22 +51,6 @@ def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
     assert labels["infra"][0][0] == ACTION_ID[best_cure("memory_leak").action]
 
 
-def test_a_specialist_waits_while_its_cure_is_under_way_if_so_configured():
-    env = leak_env_with_fault_active(4)
-    restart = LAYOUTS["infra"].encode("restart_stage", STAGES.index("transform"))
-    env.step({f"master/{i}": 1 for i in range(4)})  # delegate_infra
-    env.step({f"infra/{i}": restart for i in range(4)})
-    pending = env.sim.ground_truth().cure_pending.any(axis=1)
-    assert pending.any(), "the restart should have taken in some pipeline (cure p=0.85)"
-    teacher_observes = np.full(4, ACTION_ID["observe"]), np.zeros(4, dtype=np.int64)
-    repeat = _domain_labels(env, *teacher_observes)["infra"][0]
-    wait = _domain_labels(env, *teacher_observes, label_pending_cures=False)["infra"][0]
-    assert (repeat[pending] == ACTION_ID["restart_stage"]).all()
-    assert (wait[pending] == ACTION_ID["observe"]).all()
-    # Where the restart did not take, the cure is still what to do.
-    assert (wait[~pending] == ACTION_ID["restart_stage"]).all()
-
-
 def test_teacher_episodes_label_the_master_with_the_right_delegation():
     scenario = single_fault_scenario("duplicate_burst", at=3, steps=30)
     cfg = EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=4)
