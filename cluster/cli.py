@@ -202,12 +202,14 @@ def scenarios_check(
     except PipemedicError as exc:
         fail(exc)
     table = Table(title=f"{len(scenarios)} valid scenarios in {path}", title_justify="left")
-    for col in ("name", "steps", "faults", "random faults/h"):
+    for col in ("name", "steps", "faults", "random faults/h", "bursts", "random bursts/h"):
         table.add_column(col)
     for s in scenarios:
         faults = ", ".join(f"{f.type}@{f.stage}:{f.at}" for f in s.faults) or "-"
         rate = s.random_faults.rate_per_hour if s.random_faults else 0
-        table.add_row(s.name, str(s.duration_steps), faults, f"{rate:g}")
+        bursts = ", ".join(f"{b.factor:g}x@{b.at}+{b.duration}" for b in s.load.bursts) or "-"
+        burst_rate = s.random_bursts.rate_per_hour if s.random_bursts else 0
+        table.add_row(s.name, str(s.duration_steps), faults, f"{rate:g}", bursts, f"{burst_rate:g}")
     console.print(table)
 
 

@@ -68,7 +68,7 @@ from envs.errors import CheckpointError, PipemedicError
 from envs.metrics import aggregate
 from envs.multi_agent_env import ScenarioMix
 from envs.params import STEP_SECONDS, load_sim_params
-from envs.scenario import Load, RandomFaults, Scenario, load_scenario
+from envs.scenario import Scenario, load_scenario
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
@@ -155,18 +155,15 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
 
 def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     """The validation set: the training scenario files and one random-fault scenario like the
-    training ones, on seeds training never draws. Never the held-out scenarios. The random
-    scenario's traffic bursts are drawn once from the seed, so every validation episode shares
-    them (and a seed may draw none)."""
+    training ones, on seeds training never draws. Never the held-out scenarios. Like the
+    training ones, the random scenario's faults and traffic bursts are drawn per episode."""
     env = cfg.env_config()
     mix = ScenarioMix(env)
-    steps = env.random.duration_steps
     random = Scenario(
         name="validation-random",
-        duration_steps=steps,
-        load=Load(bursts=mix.bursts(np.random.default_rng(cfg.seed + 7), steps)),
-        random_faults=RandomFaults(rate_per_hour=env.random.rate_per_hour),
+        duration_steps=env.random.duration_steps,
         seed=cfg.seed + 7,
+        **mix.random_events(),
     )
     return [*mix.files, random]
 

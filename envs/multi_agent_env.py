@@ -42,7 +42,7 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
 from envs.observation import LAYOUTS, OBS_BOUND, ObservationEncoder, observation_size
 from envs.params import STEP_SECONDS, SimParams
-from envs.scenario import Burst, Load, RandomFaults, Scenario
+from envs.scenario import Load, RandomBursts, RandomFaults, Scenario
 from envs.simulator import PipelineSim
 
 MASTER = "master"
@@ -73,8 +73,9 @@ class RandomTraining(BaseModel):
     bursts_per_hour: float = Field(
         0.0,
         ge=0,
-        description="traffic bursts that are not faults (the load grows 1.5-2.5x for 1-5 min, "
-        "then falls back; overlapping bursts multiply), at random times",
+        description="traffic bursts that are not faults, as a scenario's random_bursts with its "
+        "default ranges (the load grows 1.5-2.5x for 1-5 min, then falls back; overlapping "
+        "bursts multiply), at random times drawn per episode and pipeline",
     )
 
 
@@ -120,27 +121,21 @@ class ScenarioMix:
             return Scenario(
                 name="random-training",
                 duration_steps=steps,
-                load=Load(pattern=pattern, bursts=self.bursts(rng, steps)),
-                random_faults=RandomFaults(rate_per_hour=self.random.rate_per_hour),
+                load=Load(pattern=pattern),
+                **self.random_events(),
             )
         return self.files[int(rng.integers(len(self.files)))]
 
-    def bursts(self, rng: np.random.Generator, steps: int) -> tuple[Burst, ...]:
-        """Traffic bursts with no fault behind them: a busy hour is not an incident, and a
-        policy that has only ever seen load jump during a ``traffic_surge`` fault learns to
-        throttle (shed records) where capacity is the answer."""
-        rate = self.random.bursts_per_hour
-        if rate == 0:
-            return ()
-        n = rng.poisson(rate * steps * STEP_SECONDS / 3600)
-        return tuple(
-            Burst(
-                at=int(rng.integers(steps)),
-                factor=float(rng.uniform(1.5, 2.5)),
-                duration=int(rng.integers(6, 31)),
-            )
-            for _ in range(n)
-        )
+    def random_events(self) -> dict[str, Any]:
+        """The ``random_faults`` and ``random_bursts`` of a random training scenario. The
+        simulator draws them per episode and pipeline. Bursts are traffic with no fault behind
+        it: a policy that has only ever seen load jump during a ``traffic_surge`` fault learns
+        to throttle (shed records) where capacity is the answer."""
+        bursts = self.random.bursts_per_hour
+        return {
+            "random_faults": RandomFaults(rate_per_hour=self.random.rate_per_hour),
+            "random_bursts": RandomBursts(rate_per_hour=bursts) if bursts > 0 else None,
+        }
 
 
 class PipelineMedicEnv(MultiAgentEnv):

@@ -1,7 +1,8 @@
 """Scenario files (``configs/scenarios/*.yaml``): loading, validation, and fault schedules.
 
-A scenario fixes the pipeline's topology, its traffic, the faults injected at given steps and an
-optional rate of random faults. ``load_scenarios`` accepts one file or a folder; any mistake is a
+A scenario fixes the pipeline's topology, its traffic, the faults injected at given steps, an
+optional rate of random faults and an optional rate of random traffic bursts (busy periods that
+are not faults). ``load_scenarios`` accepts one file or a folder; any mistake is a
 :class:`ScenarioError` naming the file, the key and what is allowed.
 """
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from envs.catalogue import DEFAULT_TOPOLOGY, FAULT_STAGES, FAULT_TYPES, MODEL_STAGE, STAGES
 from envs.config_files import load_model
 from envs.errors import ScenarioError
+from envs.params import STEP_SECONDS
 
 # Faults that come and go by themselves; the random generator gives them a duration.
 TRANSIENT_FAULTS = frozenset(
@@ -86,6 +88,27 @@ class RandomFaults(_Strict):
         return self
 
 
+class RandomBursts(_Strict):
+    """Traffic bursts at random times, drawn per episode like random faults: a busy hour is not
+    an incident. Overlapping bursts multiply."""
+
+    rate_per_hour: float = Field(ge=0)
+    factor: tuple[float, float] = Field(
+        (1.5, 2.5), description="load multiplier, uniform in [lo, hi]"
+    )
+    duration_steps: tuple[int, int] = Field((6, 30), description="length, uniform in [lo, hi]")
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self) -> RandomBursts:
+        lo, hi = self.factor
+        if not 0 < lo <= hi:
+            raise ValueError(f"factor: need 0 < lo <= hi, got [{lo}, {hi}]")
+        lo_d, hi_d = self.duration_steps
+        if not 1 <= lo_d <= hi_d:
+            raise ValueError(f"duration_steps: need 1 <= lo <= hi, got [{lo_d}, {hi_d}]")
+        return self
+
+
 class Scenario(_Strict):
     """One scenario file, validated."""
 
@@ -96,6 +119,7 @@ class Scenario(_Strict):
     load: Load = Load()
     faults: tuple[FaultSpec, ...] = ()
     random_faults: RandomFaults | None = None
+    random_bursts: RandomBursts | None = None
     seed: int = 0
 
     @model_validator(mode="after")
@@ -168,14 +192,19 @@ class FaultSchedule:
 NEVER = np.iinfo(np.int32).max // 2
 
 
+def _poisson_count(rate_per_hour: float, duration_steps: int, rng: np.random.Generator) -> int:
+    """How many events a Poisson process of ``rate_per_hour`` puts in an episode."""
+    hours = duration_steps * STEP_SECONDS / 3600.0
+    return int(rng.poisson(rate_per_hour * hours))
+
+
 def draw_fault_schedule(scenario: Scenario, rng: np.random.Generator) -> FaultSchedule:
     """The scheduled faults plus random ones drawn from ``rng`` (a Poisson process)."""
     specs: list[tuple[str, str, int, float, int | None]] = [
         (f.type, f.stage, f.at, f.severity, f.duration) for f in scenario.faults
     ]
     if scenario.random_faults is not None and scenario.random_faults.rate_per_hour > 0:
-        hours = scenario.duration_steps * 10.0 / 3600.0
-        n = rng.poisson(scenario.random_faults.rate_per_hour * hours)
+        n = _poisson_count(scenario.random_faults.rate_per_hour, scenario.duration_steps, rng)
         types = [
             t for t in scenario.random_faults.types if set(FAULT_STAGES[t]) & set(scenario.topology)
         ]
@@ -196,3 +225,23 @@ def draw_fault_schedule(scenario: Scenario, rng: np.random.Generator) -> FaultSc
         severities=np.array([s[3] for s in specs], dtype=np.float64),
         ends=np.array([NEVER if s[4] is None else s[2] + s[4] for s in specs], dtype=np.int64),
     )
+
+
+def draw_bursts(scenario: Scenario, rng: np.random.Generator) -> tuple[Burst, ...]:
+    """The scenario's scheduled traffic bursts plus random ones drawn from ``rng`` (a Poisson
+    process, onsets uniform over the episode). Without ``random_bursts`` nothing is drawn, so
+    ``rng`` is left as it was."""
+    bursts = scenario.load.bursts
+    spec = scenario.random_bursts
+    if spec is None or spec.rate_per_hour == 0:
+        return bursts
+    steps = scenario.duration_steps
+    drawn = tuple(
+        Burst(
+            at=int(rng.integers(steps)),
+            factor=float(rng.uniform(*spec.factor)),
+            duration=int(rng.integers(spec.duration_steps[0], spec.duration_steps[1] + 1)),
+        )
+        for _ in range(_poisson_count(spec.rate_per_hour, steps, rng))
+    )
+    return bursts + drawn

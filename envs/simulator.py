@@ -11,8 +11,9 @@ Spec sheet
     observation     :class:`envs.telemetry.Telemetry`: per-stage and pipeline-wide metrics with
                     log-normal noise and randomly missing values; accuracy arrives late.
     termination     none; an episode is truncated after ``scenario.duration_steps`` steps.
-    randomness      per episode, the fault schedule comes from its own generator seeded by the
-                    episode seed, so every policy meets the same faults; the dynamics (traffic
+    randomness      per episode, the fault schedule and the random traffic bursts come from
+                    its own generator seeded by the episode seed, so every policy meets the
+                    same faults and the same busy periods; the dynamics (traffic
                     noise, cure success, telemetry noise) come from one generator per batch.
 
 Physics, per stage in topological order: records arrive from the parent stage (ingest: the
@@ -44,7 +45,14 @@ from envs.catalogue import (
 )
 from envs.metrics import EpisodeMetrics, Incident, episode_metrics
 from envs.params import STEP_SECONDS, SimParams
-from envs.scenario import NEVER, FaultSchedule, Scenario, draw_fault_schedule
+from envs.scenario import (
+    NEVER,
+    Burst,
+    FaultSchedule,
+    Scenario,
+    draw_bursts,
+    draw_fault_schedule,
+)
 from envs.telemetry import PIPELINE_METRICS, STAGE_INDEX, STAGE_METRICS, Telemetry
 
 _A = ACTION_ID
@@ -177,10 +185,11 @@ class PipelineSim:
             raise ValueError(f"reset needs {self.n} seeds, one per pipeline; got {len(seeds)}")
         p, n, S = self.params, self.n, self.n_stages
         self.rng = np.random.default_rng([*map(int, seeds), 0x5EED])
-        schedules = [
-            draw_fault_schedule(self.scenario, np.random.default_rng(int(s))) for s in seeds
-        ]
-        self._set_faults(schedules)
+        # One generator per episode seed: faults first, then bursts, so a scenario without
+        # random bursts meets exactly the faults it met before they existed.
+        episode_rngs = [np.random.default_rng(int(s)) for s in seeds]
+        self._set_faults([draw_fault_schedule(self.scenario, r) for r in episode_rngs])
+        self._set_bursts([draw_bursts(self.scenario, r) for r in episode_rngs])
         self.t = 0
         self.replicas = np.full((n, S), p.replicas, dtype=np.int64)
         self.queue = np.zeros((n, S))
@@ -229,6 +238,18 @@ class PipelineSim:
         # One-hot of (fault slot -> type, stage) to turn faults into effects with one einsum.
         self._f_type_onehot = np.eye(_N_FAULT_TYPES)[self.f_type] * self.f_valid[..., None]
         self._f_stage_onehot = np.eye(self.n_stages)[self.f_stage]
+
+    def _set_bursts(self, bursts: list[tuple[Burst, ...]]) -> None:
+        """Each pipeline's traffic bursts as (n, b_max) arrays; padding never starts."""
+        b_max = max(1, max(len(b) for b in bursts))
+        self.burst_start = np.full((self.n, b_max), NEVER, dtype=np.int64)
+        self.burst_end = np.full((self.n, b_max), NEVER, dtype=np.int64)
+        self.burst_factor = np.ones((self.n, b_max))
+        for i, pipeline_bursts in enumerate(bursts):
+            for j, burst in enumerate(pipeline_bursts):
+                self.burst_start[i, j] = burst.at
+                self.burst_end[i, j] = burst.at + burst.duration
+                self.burst_factor[i, j] = burst.factor
 
     @property
     def done(self) -> bool:
@@ -374,15 +395,14 @@ class PipelineSim:
         np.add.at(self._dropped_by_action, b, self.queue[b, st])
         self.queue[b, st] = 0.0
 
-    def _traffic_factor(self, t: int) -> float:
-        load = self.scenario.load
-        factor = 1.0
-        if load.pattern == "diurnal":
-            factor += self.params.diurnal_amplitude * np.sin(2 * np.pi * t / DAY_STEPS)
-        for burst in load.bursts:
-            if burst.at <= t < burst.at + burst.duration:
-                factor *= burst.factor
-        return factor
+    def _traffic_factor(self, t: int) -> np.ndarray:
+        """(n,): each pipeline's load relative to ``base_rps`` at step ``t`` (the daily cycle
+        times every burst in progress)."""
+        daily = 1.0
+        if self.scenario.load.pattern == "diurnal":
+            daily += self.params.diurnal_amplitude * np.sin(2 * np.pi * t / DAY_STEPS)
+        in_burst = (self.burst_start <= t) & (t < self.burst_end)
+        return daily * np.where(in_burst, self.burst_factor, 1.0).prod(axis=1)
 
     def _effects(self, active: np.ndarray) -> np.ndarray:
         """(n, n_fault_types, n_stages): summed severity of each active fault type per stage.

@@ -10,7 +10,7 @@ from envs.catalogue import MASTER_ACTIONS, STAGES
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv, agent_id
 from envs.observation import LAYOUTS, MODEL_SLOT, N_SLOTS, ObservationEncoder
 from envs.params import SimParams
-from envs.scenario import Scenario
+from envs.scenario import NEVER, Scenario
 from tests.conftest import single_fault_scenario
 
 MASTER_INDEX = {a: i for i, a in enumerate(MASTER_ACTIONS)}
@@ -148,17 +148,25 @@ def test_random_training_scenarios_are_valid_and_vary():
 
 
 def test_random_training_scenarios_get_traffic_bursts_only_when_asked():
-    quiet = PipelineMedicEnv(EnvConfig(random={"share": 1.0, "duration_steps": 180}, pipelines=1))
+    quiet = PipelineMedicEnv(EnvConfig(random={"share": 1.0, "duration_steps": 180}, pipelines=4))
     bursty = PipelineMedicEnv(
-        EnvConfig(random={"share": 1.0, "duration_steps": 180, "bursts_per_hour": 4}, pipelines=1)
+        EnvConfig(random={"share": 1.0, "duration_steps": 180, "bursts_per_hour": 4}, pipelines=4)
     )
-    bursts = []
-    for seed in range(20):
+    starts, factors, lengths = [], [], []
+    pipelines_differ = False
+    for seed in range(10):
         quiet.reset(seed=seed)
         bursty.reset(seed=seed)
-        assert quiet.scenario.load.bursts == ()
-        bursts += bursty.scenario.load.bursts
-    # 4 per hour over 30-minute episodes: about 2 per episode.
-    assert 20 <= len(bursts) <= 60
-    assert all(1.5 <= b.factor <= 2.5 and 6 <= b.duration <= 30 for b in bursts)
-    assert all(0 <= b.at < 180 for b in bursts)
+        assert quiet.scenario.random_bursts is None
+        assert (quiet.sim.burst_start == NEVER).all()
+        real = bursty.sim.burst_start != NEVER
+        starts += list(bursty.sim.burst_start[real])
+        factors += list(bursty.sim.burst_factor[real])
+        lengths += list((bursty.sim.burst_end - bursty.sim.burst_start)[real])
+        pipelines_differ |= len({tuple(row) for row in bursty.sim.burst_start}) > 1
+    # 4 per hour over 30-minute episodes: about 2 per pipeline-episode, 40 pipeline-episodes.
+    assert 40 <= len(starts) <= 120
+    assert all(1.5 <= f <= 2.5 for f in factors) and all(6 <= d <= 30 for d in lengths)
+    assert all(0 <= t < 180 for t in starts)
+    # Drawn per pipeline, not once per episode.
+    assert pipelines_differ

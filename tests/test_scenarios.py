@@ -9,7 +9,13 @@ import pytest
 
 from envs.catalogue import FAULT_DOMAIN, FAULT_TYPES
 from envs.errors import ScenarioError
-from envs.scenario import draw_fault_schedule, load_scenario, load_scenarios
+from envs.scenario import (
+    Scenario,
+    draw_bursts,
+    draw_fault_schedule,
+    load_scenario,
+    load_scenarios,
+)
 
 LIBRARY = Path(__file__).parent.parent / "configs" / "scenarios"
 
@@ -58,6 +64,11 @@ def test_library_covers_every_fault_type_and_has_concurrent_cross_domain_scenari
             id="stage-missing-from-topology",
         ),
         pytest.param(
+            "name: x\nrandom_bursts: {rate_per_hour: 2, factor: [2.5, 1.5]}\n",
+            r"bad\.yaml: random_bursts: .*factor: need 0 < lo <= hi, got \[2\.5, 1\.5\]",
+            id="burst-range-reversed",
+        ),
+        pytest.param(
             "name: x\ntopology: [load, ingest]\n",
             r"topology: stages must be listed once each, in pipeline order",
             id="topology-out-of-order",
@@ -96,3 +107,31 @@ def test_random_faults_are_poisson_and_respect_stages_and_seed(tmp_path):
     b = draw_fault_schedule(scenario, np.random.default_rng(7))
     assert np.array_equal(a.types, b.types) and np.array_equal(a.onsets, b.onsets)
     assert np.all(np.diff(a.onsets) >= 0)
+
+
+def test_random_bursts_are_poisson_in_range_and_leave_the_faults_as_they_were():
+    base = {"name": "r", "duration_steps": 360, "random_faults": {"rate_per_hour": 6}}
+    plain = Scenario.model_validate(base)
+    bursty = Scenario.model_validate(
+        {
+            **base,
+            "load": {"bursts": [{"at": 5, "factor": 3.0, "duration": 2}]},
+            "random_bursts": {"rate_per_hour": 4, "factor": [1.2, 1.4], "duration_steps": [3, 5]},
+        }
+    )
+    counts = []
+    for seed in range(300):
+        rng_plain, rng_bursty = np.random.default_rng(seed), np.random.default_rng(seed)
+        faults = draw_fault_schedule(plain, rng_plain)
+        assert draw_bursts(plain, rng_plain) == ()
+        same = draw_fault_schedule(bursty, rng_bursty)
+        assert np.array_equal(faults.onsets, same.onsets)
+        assert np.array_equal(faults.types, same.types)
+        bursts = draw_bursts(bursty, rng_bursty)
+        # The scheduled burst comes first, then the random ones.
+        assert bursts[0].at == 5 and bursts[0].factor == 3.0
+        counts.append(len(bursts) - 1)
+        assert all(1.2 <= b.factor <= 1.4 and 3 <= b.duration <= 5 for b in bursts[1:])
+        assert all(0 <= b.at < 360 for b in bursts)
+    # 4 per hour over one hour: mean 4.
+    assert np.mean(counts) == pytest.approx(4.0, abs=0.4)

@@ -72,6 +72,29 @@ def test_fault_schedule_depends_only_on_the_episode_seed():
     np.testing.assert_array_equal(pair.f_type[1, :k], alone.f_type[0, :k])
 
 
+def test_random_bursts_raise_each_pipelines_own_traffic_at_their_own_times():
+    scenario = Scenario.model_validate(
+        {
+            "name": "b",
+            "duration_steps": 120,
+            "load": {"pattern": "flat"},
+            "random_bursts": {
+                "rate_per_hour": 30,
+                "factor": [2.0, 2.0],
+                "duration_steps": [10, 10],
+            },
+        }
+    )
+    sim = PipelineSim(scenario, n=3)
+    sim.reset([1, 2, 3])
+    assert len({tuple(row) for row in sim.burst_start}) > 1
+    for t in range(120):
+        expected = np.array(
+            [2.0 ** sum(a <= t < a + 10 for a in row if a < 120) for row in sim.burst_start]
+        )
+        np.testing.assert_allclose(sim._traffic_factor(t), expected)
+
+
 def test_healthy_pipeline_holds_its_slos_and_loses_only_background_errors():
     sim = PipelineSim(QUIET, n=4)
     sim.reset([0, 1, 2, 3])
