@@ -48,6 +48,11 @@ class PPOSection(_Strict):
     entropy_coeff: float = Field(0.01, ge=0)
     vf_loss_coeff: float = Field(0.5, ge=0)
     hidden: tuple[int, ...] = (128, 128)
+    train_modules: tuple[str, ...] = Field(
+        (),
+        description="modules PPO updates (empty: all); the others keep their warm-start "
+        "weights, e.g. [master] fine-tunes the routing over fixed specialists",
+    )
 
 
 class StopSection(_Strict):
@@ -84,6 +89,17 @@ class TrainConfig(_Strict):
         if both:
             raise ValueError(
                 f"held_out scenarios must not be trained on; listed in both: {sorted(map(str, both))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _train_modules_exist(self) -> TrainConfig:
+        known = AGENTS_OF_KIND[self.kind]
+        unknown = [m for m in self.ppo.train_modules if m not in known]
+        if unknown:
+            raise ValueError(
+                f"ppo.train_modules: no module {unknown[0]!r} in a {self.kind} policy; "
+                f"allowed: {', '.join(known)}"
             )
         return self
 
@@ -156,6 +172,7 @@ def build_ppo_config(cfg: TrainConfig, *, run_id: str | None = None):
         .multi_agent(
             policies=set(agents),
             policy_mapping_fn=_map_agent_to_module,
+            policies_to_train=list(p.train_modules) or None,
         )
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
         .callbacks(**callbacks)

@@ -66,6 +66,10 @@ def evaluate(
         "configs/simulator.yaml"
     ),
     per_scenario: Annotated[bool, typer.Option(help="Print per-scenario rows too.")] = True,
+    per_fault: Annotated[
+        bool,
+        typer.Option(help="Also print MTTR and TTFCA per fault type, every policy side by side."),
+    ] = False,
     held_out: Annotated[
         bool, typer.Option(help="Use the held-out scenarios of --train-config instead.")
     ] = False,
@@ -86,6 +90,7 @@ def evaluate(
             out=out,
             sim_config=sim_config,
             per_scenario=per_scenario,
+            per_fault=per_fault,
         )
     except PipemedicError as exc:
         fail(exc)
@@ -106,6 +111,7 @@ def run_evaluation(
     out: Path,
     sim_config: Path | None,
     per_scenario: bool,
+    per_fault: bool = False,
 ) -> dict:
     from agents.policy import make_policy
     from cluster.evaluate import evaluate as run
@@ -150,9 +156,42 @@ def run_evaluation(
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     json_path, png_path = write_report(report, out)
     print_report(report, per_scenario=per_scenario)
+    if per_fault:
+        print_per_fault(report)
     console.print(f"Ranking by MTTR (best first): {' < '.join(report['ranking_by_mttr'])}")
     console.print(f"Wrote {json_path} and {png_path} in {report['wall_time_s']} s")
     return report
+
+
+def print_per_fault(report: dict) -> None:
+    """One row per fault type, one column per policy: "MTTR s (TTFCA s)", and the share of
+    those incidents left unresolved where there are any."""
+    policies = report["policies"]
+    faults = sorted({f for result in policies.values() for f in result["per_fault"]})
+    table = Table(
+        title="Per fault type, all scenarios: MTTR s (TTFCA s), unresolved share if any",
+        title_justify="left",
+    )
+    table.add_column("fault")
+    table.add_column("incidents", justify="right")
+    for policy in policies:
+        table.add_column(policy, justify="right")
+    for fault in faults:
+        cells = []
+        for result in policies.values():
+            m = result["per_fault"].get(fault)
+            if m is None:
+                cells.append("-")
+                continue
+            cell = f"{m['mttr_s']:.0f} ({m['ttfca_s']:.0f})"
+            if m["unresolved_pct"] > 0:
+                cell += f" {m['unresolved_pct']:.0f}% open"
+            cells.append(cell)
+        count = next(
+            r["per_fault"][fault]["incidents"] for r in policies.values() if fault in r["per_fault"]
+        )
+        table.add_row(fault, f"{count:,}", *cells)
+    console.print(table)
 
 
 def print_report(report: dict, *, per_scenario: bool) -> None:

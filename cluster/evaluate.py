@@ -23,7 +23,7 @@ import ray
 
 from agents.policy import make_policy
 from agents.rollout import episode_seeds, rollout
-from envs.metrics import EpisodeMetrics, aggregate
+from envs.metrics import EpisodeMetrics, aggregate, figures_by_fault
 from envs.params import SimParams
 from envs.scenario import Scenario
 
@@ -83,7 +83,11 @@ def evaluate(
     for p in policies:
         per_scenario = {s.name: aggregate(results[(p, s.name)]) for s in scenarios}
         everything = [m for s in scenarios for m in results[(p, s.name)]]
-        report["policies"][p] = {"overall": aggregate(everything), "per_scenario": per_scenario}
+        report["policies"][p] = {
+            "overall": aggregate(everything),
+            "per_scenario": per_scenario,
+            "per_fault": dict(sorted(figures_by_fault(everything).items())),
+        }
     report["ranking_by_mttr"] = sorted(
         policies, key=lambda p: report["policies"][p]["overall"]["mttr_s"]
     )

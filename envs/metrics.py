@@ -48,6 +48,7 @@ class IncidentOutcome:
     recovery_steps: int  # onset -> recovered, or onset -> end when unresolved
     resolved: bool
     ttfca_steps: int
+    fault: str = ""  # the fault type, for figures per fault type
 
 
 def recovery_step(onset: int, cleared: int | None, slo_ok: Sequence[bool]) -> int | None:
@@ -72,7 +73,9 @@ def incident_outcome(incident: Incident, slo_ok: Sequence[bool]) -> IncidentOutc
     resolved = recovered is not None
     recovery = (recovered if resolved else end) - incident.onset
     first = incident.first_cure if incident.first_cure is not None else end
-    return IncidentOutcome(max(recovery, 0), resolved, max(first - incident.onset, 0))
+    return IncidentOutcome(
+        max(recovery, 0), resolved, max(first - incident.onset, 0), fault=incident.fault
+    )
 
 
 @dataclass(frozen=True)
@@ -139,19 +142,39 @@ def aggregate(episodes: Sequence[EpisodeMetrics]) -> dict[str, float]:
         raise ValueError("aggregate needs at least one episode")
     outcomes = [o for e in episodes for o in e.incidents]
     n_eps = len(episodes)
-
-    def mean_s(values: list[int]) -> float:
-        return float(np.mean(values)) * STEP_SECONDS if values else 0.0
-
+    incidents = incident_figures(outcomes)
     return {
-        "mttr_s": mean_s([o.recovery_steps for o in outcomes]),
-        "unresolved_pct": 100.0 * float(np.mean([not o.resolved for o in outcomes]))
-        if outcomes
-        else 0.0,
+        "mttr_s": incidents["mttr_s"],
+        "unresolved_pct": incidents["unresolved_pct"],
         "slo_adherence": sum(e.slo_ok_steps for e in episodes) / sum(e.steps for e in episodes),
         "records_lost": sum(e.records_lost for e in episodes) / n_eps,
         "cost": sum(e.cost for e in episodes) / n_eps,
         "escalations": sum(e.escalations for e in episodes) / n_eps,
+        "ttfca_s": incidents["ttfca_s"],
+        "incidents": incidents["incidents"],
+    }
+
+
+def incident_figures(outcomes: Sequence[IncidentOutcome]) -> dict[str, float]:
+    """MTTR, unresolved share and TTFCA over the given incidents pooled (zeros when none)."""
+
+    def mean_s(values: list[int]) -> float:
+        return float(np.mean(values)) * STEP_SECONDS if values else 0.0
+
+    unresolved = [not o.resolved for o in outcomes]
+    return {
+        "mttr_s": mean_s([o.recovery_steps for o in outcomes]),
+        "unresolved_pct": 100.0 * float(np.mean(unresolved)) if outcomes else 0.0,
         "ttfca_s": mean_s([o.ttfca_steps for o in outcomes]),
         "incidents": len(outcomes),
     }
+
+
+def figures_by_fault(episodes: Sequence[EpisodeMetrics]) -> dict[str, dict[str, float]]:
+    """:func:`incident_figures` per fault type, over every incident of ``episodes``; the fault
+    types in the order they first occur."""
+    by_fault: dict[str, list[IncidentOutcome]] = {}
+    for episode in episodes:
+        for outcome in episode.incidents:
+            by_fault.setdefault(outcome.fault, []).append(outcome)
+    return {fault: incident_figures(outcomes) for fault, outcomes in by_fault.items()}

@@ -38,6 +38,15 @@ def test_report_has_the_design_shape_and_ranks_the_baselines(ray_session, tmp_pa
             "bad-model-deploy",
         }
     assert report["ranking_by_mttr"] == ["oracle", "runbook", "oncall"]
+    # Each scenario injects one fault, so per fault type is per scenario here.
+    oracle = report["policies"]["oracle"]
+    assert set(oracle["per_fault"]) == {"memory_leak", "bad_model_deploy"}
+    for fault, scenario in (
+        ("memory_leak", "memory-leak"),
+        ("bad_model_deploy", "bad-model-deploy"),
+    ):
+        assert oracle["per_fault"][fault]["mttr_s"] == oracle["per_scenario"][scenario]["mttr_s"]
+        assert oracle["per_fault"][fault]["incidents"] == 3
     json_path, png_path = write_report(report, tmp_path / "out")
     assert json.loads(json_path.read_text()) == report
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,10 +72,17 @@ def test_cli_evaluate_writes_report_for_a_single_scenario_file(ray_session, tmp_
             "2",
             "--out",
             str(tmp_path),
+            "--per-fault",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "Ranking by MTTR (best first): oracle < oncall" in result.output
+    assert "Per fault type" in result.output
+    late = json.loads((tmp_path / "report.json").read_text())["policies"]["oracle"]["per_fault"]
+    assert list(late) == ["late_data"]
+    assert (
+        f"{late['late_data']['mttr_s']:.0f} ({late['late_data']['ttfca_s']:.0f})" in result.output
+    )
     assert (tmp_path / "report.json").exists() and (tmp_path / "report.png").exists()
 
 

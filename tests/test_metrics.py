@@ -9,6 +9,7 @@ from envs.metrics import (
     Incident,
     aggregate,
     episode_metrics,
+    figures_by_fault,
     incident_outcome,
     recovery_step,
 )
@@ -74,6 +75,13 @@ def test_aggregate_pools_incidents_and_steps_and_averages_per_episode():
     assert report["cost"] == pytest.approx(6.0)
     assert report["escalations"] == pytest.approx(0.5)
     assert report["incidents"] == 3
+    # Per fault type: schema_drift recovered in 1 step (cure after 1), node_failure in 1 (cure
+    # at once), null_spike open to the end (2 steps, no cure).
+    assert figures_by_fault([a, b]) == {
+        "schema_drift": {"mttr_s": 10.0, "unresolved_pct": 0.0, "ttfca_s": 10.0, "incidents": 1},
+        "node_failure": {"mttr_s": 10.0, "unresolved_pct": 0.0, "ttfca_s": 0.0, "incidents": 1},
+        "null_spike": {"mttr_s": 20.0, "unresolved_pct": 100.0, "ttfca_s": 20.0, "incidents": 1},
+    }
 
 
 def test_episode_metrics_survive_a_round_trip_through_dicts():

@@ -282,6 +282,24 @@ def test_a_bundle_from_other_code_or_missing_files_is_refused(tmp_path):
         load_bundle(tmp_path / "b")
 
 
+def test_ppo_updates_only_the_modules_it_is_told_to_train(ray_session, tmp_path):
+    cfg = load_train_config(tiny_config(tmp_path, ppo={"train_modules": ["master"]}))
+    algo = build_ppo_config(cfg).build_algo()
+    try:
+        before = current_nets(algo, cfg)
+        algo.train()
+        after = current_nets(algo, cfg)
+    finally:
+        algo.stop()
+
+    def same(a, b) -> bool:
+        return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+    assert not same(before["master"], after["master"])
+    for specialist in ("drift", "infra", "quality"):
+        assert same(before[specialist], after[specialist]), specialist
+
+
 def test_config_errors_name_the_key(tmp_path):
     bad = tiny_config(tmp_path, ppo={"lr": -1})
     with pytest.raises(ConfigError, match="ppo.lr"):
@@ -289,6 +307,9 @@ def test_config_errors_name_the_key(tmp_path):
     both = tiny_config(tmp_path, held_out=[str(ROOT / EASY)])
     with pytest.raises(ConfigError, match="must not be trained on"):
         load_train_config(both)
+    frozen = tiny_config(tmp_path, ppo={"train_modules": ["master"]})
+    with pytest.raises(ConfigError, match="ppo.train_modules: no module 'master' in a flat"):
+        load_train_config(frozen, kind="flat")
 
 
 def _train_args(config: Path, out: Path, *extra: str) -> list[str]:
