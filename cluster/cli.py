@@ -167,7 +167,9 @@ def print_per_fault(report: dict) -> None:
     """One row per fault type, one column per policy: "MTTR s (TTFCA s)", and the share of
     those incidents left unresolved where there are any."""
     policies = report["policies"]
-    faults = sorted({f for result in policies.values() for f in result["per_fault"]})
+    # Every policy meets the same faults, so the first policy's fault types and counts hold
+    # for all; a report edited by hand may differ, hence the "-" cells.
+    first = next(iter(policies.values()))["per_fault"]
     table = Table(
         title="Per fault type, all scenarios: MTTR s (TTFCA s), unresolved share if any",
         title_justify="left",
@@ -176,7 +178,7 @@ def print_per_fault(report: dict) -> None:
     table.add_column("incidents", justify="right")
     for policy in policies:
         table.add_column(policy, justify="right")
-    for fault in faults:
+    for fault, figures in first.items():
         cells = []
         for result in policies.values():
             m = result["per_fault"].get(fault)
@@ -187,10 +189,7 @@ def print_per_fault(report: dict) -> None:
             if m["unresolved_pct"] > 0:
                 cell += f" {m['unresolved_pct']:.0f}% open"
             cells.append(cell)
-        count = next(
-            r["per_fault"][fault]["incidents"] for r in policies.values() if fault in r["per_fault"]
-        )
-        table.add_row(fault, f"{count:,}", *cells)
+        table.add_row(fault, f"{figures['incidents']:,}", *cells)
     console.print(table)
 
 

@@ -86,7 +86,7 @@ def evaluate(
         report["policies"][p] = {
             "overall": aggregate(everything),
             "per_scenario": per_scenario,
-            "per_fault": dict(sorted(figures_by_fault(everything).items())),
+            "per_fault": figures_by_fault(everything),
         }
     report["ranking_by_mttr"] = sorted(
         policies, key=lambda p: report["policies"][p]["overall"]["mttr_s"]

@@ -64,7 +64,7 @@ from agents.networks import PolicyValueNet
 from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
 from checkpoints.storage import local_store_dir
-from envs.errors import CheckpointError, PipemedicError
+from envs.errors import CheckpointError, ConfigError, PipemedicError
 from envs.metrics import aggregate
 from envs.multi_agent_env import ScenarioMix
 from envs.params import STEP_SECONDS, load_sim_params
@@ -151,6 +151,20 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
     )
     set_nets(algo, nets)
     return used
+
+
+def _check_resumable(saved_config: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume with a different ``ppo.train_modules``: RLlib's checkpoint restores
+    which modules its learner updates, so the new setting would be silently ignored."""
+    if not saved_config.exists():
+        return
+    before = json.loads(saved_config.read_text()).get("ppo", {}).get("train_modules", [])
+    if list(before) != list(cfg.ppo.train_modules):
+        raise ConfigError(
+            f"ppo.train_modules is {list(cfg.ppo.train_modules)} but the run in "
+            f"{saved_config.parent} was started with {list(before)}; the checkpoint would keep "
+            "the old setting. Start over with --fresh, or train into another folder."
+        )
 
 
 def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
@@ -273,11 +287,13 @@ def train(
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    resume = _latest_checkpoint(out)
+    if resume is not None:
+        _check_resumable(out / "config.json", cfg)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2, by_alias=True))
 
     metrics_file = out / "metrics.jsonl"
     bundle_dir = out / "policy"
-    resume = _latest_checkpoint(out)
     saved = json.loads((resume / "train_state.json").read_text()) if resume else {}
     # A resumed run keeps its id, so its versions are not published twice.
     run_id = (

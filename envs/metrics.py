@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from envs.catalogue import FAULT_TYPES
 from envs.params import STEP_SECONDS
 
 METRIC_KEYS: tuple[str, ...] = (
@@ -172,9 +173,13 @@ def incident_figures(outcomes: Sequence[IncidentOutcome]) -> dict[str, float]:
 
 def figures_by_fault(episodes: Sequence[EpisodeMetrics]) -> dict[str, dict[str, float]]:
     """:func:`incident_figures` per fault type, over every incident of ``episodes``; the fault
-    types in the order they first occur."""
+    types that occur, in the catalogue's order (``FAULT_TYPES``)."""
     by_fault: dict[str, list[IncidentOutcome]] = {}
     for episode in episodes:
         for outcome in episode.incidents:
             by_fault.setdefault(outcome.fault, []).append(outcome)
-    return {fault: incident_figures(outcomes) for fault, outcomes in by_fault.items()}
+    order = {fault: i for i, fault in enumerate(FAULT_TYPES)}
+    return {
+        fault: incident_figures(by_fault[fault])
+        for fault in sorted(by_fault, key=lambda f: order.get(f, len(order)))
+    }

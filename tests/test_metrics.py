@@ -82,6 +82,8 @@ def test_aggregate_pools_incidents_and_steps_and_averages_per_episode():
         "node_failure": {"mttr_s": 10.0, "unresolved_pct": 0.0, "ttfca_s": 0.0, "incidents": 1},
         "null_spike": {"mttr_s": 20.0, "unresolved_pct": 100.0, "ttfca_s": 20.0, "incidents": 1},
     }
+    # In the catalogue's order, not the order of occurrence.
+    assert list(figures_by_fault([b, a])) == ["schema_drift", "node_failure", "null_spike"]
 
 
 def test_episode_metrics_survive_a_round_trip_through_dicts():

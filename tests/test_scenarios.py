@@ -135,3 +135,31 @@ def test_random_bursts_are_poisson_in_range_and_leave_the_faults_as_they_were():
         assert all(0 <= b.at < 360 for b in bursts)
     # 4 per hour over one hour: mean 4.
     assert np.mean(counts) == pytest.approx(4.0, abs=0.4)
+
+
+def test_random_mix_draws_the_same_faults_as_before_random_bursts_existed():
+    # Pinned from the code before random bursts (commit b6d13a1): held-out episodes, and so the
+    # reported figures, must not move because the simulator can now draw bursts.
+    schedule = draw_fault_schedule(
+        load_scenario(LIBRARY / "random-mix.yaml"), np.random.default_rng(0)
+    )
+    assert [FAULT_TYPES[t] for t in schedule.types] == ["data_drift", "corrupt_batch"]
+    assert schedule.onsets.tolist() == [56, 196]
+
+
+def test_scenarios_check_lists_scheduled_and_random_bursts(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    write(
+        tmp_path,
+        "name: busy\nload: {bursts: [{at: 60, factor: 2.0, duration: 30}]}\n"
+        "random_bursts: {rate_per_hour: 3}\n",
+        "busy.yaml",
+    )
+    result = CliRunner().invoke(app, ["scenarios", "check", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "busy" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells == ["busy", "360", "-", "0", "2x@60+30", "3"]

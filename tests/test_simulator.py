@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from envs.catalogue import SIM_ACTIONS
-from envs.scenario import Scenario
+from envs.scenario import NEVER, Scenario, draw_bursts, draw_fault_schedule
 from envs.simulator import PipelineSim
 from envs.telemetry import PIPELINE_METRICS, STAGE_METRICS
 from tests.conftest import single_fault_scenario
@@ -78,6 +78,7 @@ def test_random_bursts_raise_each_pipelines_own_traffic_at_their_own_times():
             "name": "b",
             "duration_steps": 120,
             "load": {"pattern": "flat"},
+            "random_faults": {"rate_per_hour": 6},
             "random_bursts": {
                 "rate_per_hour": 30,
                 "factor": [2.0, 2.0],
@@ -85,14 +86,27 @@ def test_random_bursts_raise_each_pipelines_own_traffic_at_their_own_times():
             },
         }
     )
+    seeds = [1, 2, 3]
     sim = PipelineSim(scenario, n=3)
-    sim.reset([1, 2, 3])
+    sim.reset(seeds)
+    # Each pipeline's bursts come from its own seed's generator, after its faults.
+    expected_factor = np.ones((3, 120))
+    for i, seed in enumerate(seeds):
+        rng = np.random.default_rng(seed)
+        draw_fault_schedule(scenario, rng)
+        bursts = draw_bursts(scenario, rng)
+        assert len(bursts) >= 1
+        for burst in bursts:
+            expected_factor[i, burst.at : burst.at + burst.duration] *= 2.0
     assert len({tuple(row) for row in sim.burst_start}) > 1
     for t in range(120):
-        expected = np.array(
-            [2.0 ** sum(a <= t < a + 10 for a in row if a < 120) for row in sim.burst_start]
-        )
-        np.testing.assert_allclose(sim._traffic_factor(t), expected)
+        np.testing.assert_allclose(sim._traffic_factor(t), expected_factor[:, t])
+    # A pipeline's bursts depend on its seed only, not on its neighbours.
+    alone = PipelineSim(scenario, n=1)
+    alone.reset([2])
+    k = int((alone.burst_start[0] != NEVER).sum())
+    np.testing.assert_array_equal(sim.burst_start[1, :k], alone.burst_start[0, :k])
+    np.testing.assert_array_equal(sim.burst_end[1, :k], alone.burst_end[0, :k])
 
 
 def test_healthy_pipeline_holds_its_slos_and_loses_only_background_errors():

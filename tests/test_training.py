@@ -23,7 +23,7 @@ from agents.inference import LearnedPolicy, load_bundle
 from agents.policy import EpisodeContext
 from agents.ppo_config import build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
-from cluster.train import current_nets, train
+from cluster.train import _check_resumable, current_nets, train
 from envs.catalogue import ACTION_ID
 from envs.errors import CheckpointError, ConfigError
 from envs.metrics import aggregate
@@ -298,6 +298,37 @@ def test_ppo_updates_only_the_modules_it_is_told_to_train(ray_session, tmp_path)
     assert not same(before["master"], after["master"])
     for specialist in ("drift", "infra", "quality"):
         assert same(before[specialist], after[specialist]), specialist
+
+
+def test_validation_random_scenario_has_the_training_mix_rates_on_its_own_seed(tmp_path):
+    from cluster.train import validation_scenarios
+
+    cfg = load_train_config(
+        tiny_config(
+            tmp_path,
+            seed=4,
+            env={
+                "random": {"share": 0.5, "rate_per_hour": 9, "bursts_per_hour": 3},
+                "max_episode_steps": 60,
+            },
+        )
+    )
+    *files, random = validation_scenarios(cfg)
+    assert [f.name for f in files] == [load_scenario(ROOT / EASY).name]
+    assert files[0].duration_steps == 60  # cut like the training episodes
+    assert random.random_faults.rate_per_hour == 9
+    assert random.random_bursts.rate_per_hour == 3
+    assert random.seed == 4 + 7
+
+
+def test_resume_refuses_a_changed_train_modules(tmp_path):
+    from envs.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"ppo": {"train_modules": []}}))
+    cfg = load_train_config(tiny_config(tmp_path, ppo={"train_modules": ["master"]}))
+    with pytest.raises(ConfigError, match=r"train_modules is \['master'\] but the run in"):
+        _check_resumable(tmp_path / "config.json", cfg)
+    _check_resumable(tmp_path / "missing.json", cfg)  # nothing saved: nothing to compare
 
 
 def test_config_errors_name_the_key(tmp_path):
