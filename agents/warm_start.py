@@ -134,14 +134,13 @@ def _domain_labels(
     env: PipelineMedicEnv,
     teach_action: np.ndarray,
     teach_slot: np.ndarray,
-    truth: GroundTruth | None = None,
+    truth: GroundTruth,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per domain: the best cure (sim action, slot) of the oldest active fault of that domain in
     each pipeline, cure under way or not; ``observe`` where the domain has no active fault.
     This is what a specialist should answer if asked now. Where the teacher's own choice
     this step belongs to a domain (a cure, or capacity it adds), that domain's label is the
-    teacher's choice. ``truth``: this step's ground truth, if the caller has it already."""
-    truth = truth if truth is not None else env.sim.ground_truth()
+    teacher's choice. ``truth``: this step's ground truth (``env.sim.ground_truth()``)."""
     labels = {}
     for d in DOMAINS:
         action = np.full(env.k, OBSERVE, dtype=np.int64)

@@ -168,7 +168,7 @@ def print_per_fault(report: dict) -> None:
     those incidents left unresolved where there are any."""
     policies = report["policies"]
     # Every policy meets the same faults, so the first policy's fault types and counts hold
-    # for all; a report edited by hand may differ, hence the "-" cells.
+    # for all.
     first = next(iter(policies.values()))["per_fault"]
     table = Table(
         title="Per fault type, all scenarios: MTTR s (TTFCA s), unresolved share if any",
@@ -181,10 +181,7 @@ def print_per_fault(report: dict) -> None:
     for fault, figures in first.items():
         cells = []
         for result in policies.values():
-            m = result["per_fault"].get(fault)
-            if m is None:
-                cells.append("-")
-                continue
+            m = result["per_fault"][fault]
             cell = f"{m['mttr_s']:.0f} ({m['ttfca_s']:.0f})"
             if m["unresolved_pct"] > 0:
                 cell += f" {m['unresolved_pct']:.0f}% open"

@@ -73,9 +73,8 @@ class RandomTraining(BaseModel):
     bursts_per_hour: float = Field(
         0.0,
         ge=0,
-        description="traffic bursts that are not faults, as a scenario's random_bursts with its "
-        "default ranges (the load grows 1.5-2.5x for 1-5 min, then falls back; overlapping "
-        "bursts multiply), at random times drawn per episode and pipeline",
+        description="traffic bursts that are not faults: the random scenarios' random_bursts "
+        "at this rate, with envs.scenario.RandomBursts' default ranges",
     )
 
 

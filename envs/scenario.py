@@ -94,9 +94,11 @@ class RandomBursts(_Strict):
 
     rate_per_hour: float = Field(ge=0)
     factor: tuple[float, float] = Field(
-        (1.5, 2.5), description="load multiplier, uniform in [lo, hi]"
+        (1.5, 2.5), description="load multiplier, uniform in [lo, hi)"
     )
-    duration_steps: tuple[int, int] = Field((6, 30), description="length, uniform in [lo, hi]")
+    duration_steps: tuple[int, int] = Field(
+        (6, 30), description="length in steps, uniform in [lo, hi]"
+    )
 
     @model_validator(mode="after")
     def _ordered_ranges(self) -> RandomBursts:

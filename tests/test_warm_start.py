@@ -36,7 +36,7 @@ def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
     env = leak_env_with_fault_active(2)
     scenario = LEAK_AT_TRANSFORM
     teacher_observes = np.full(2, ACTION_ID["observe"]), np.zeros(2, dtype=np.int64)
-    labels = _domain_labels(env, *teacher_observes)
+    labels = _domain_labels(env, *teacher_observes, env.sim.ground_truth())
     stage = STAGES.index(scenario.faults[0].stage)
     action, slot = labels["infra"]
     assert (action == ACTION_ID[best_cure("memory_leak").action]).all()
@@ -46,7 +46,7 @@ def test_each_specialist_is_labelled_with_its_domains_cure_at_the_fault_stage():
     # A capacity action the teacher takes (no fault of that domain behind it) labels its
     # domain's specialist in that pipeline only.
     scale_out = np.array([ACTION_ID["observe"], ACTION_ID["scale_out"]]), np.array([0, 3])
-    labels = _domain_labels(env, *scale_out)
+    labels = _domain_labels(env, *scale_out, env.sim.ground_truth())
     assert labels["infra"][0][1] == ACTION_ID["scale_out"] and labels["infra"][1][1] == 3
     assert labels["infra"][0][0] == ACTION_ID[best_cure("memory_leak").action]
 
