@@ -103,10 +103,13 @@ def bench_imitation(
     kind: str = "hierarchical",
     overrides: dict[str, Any] | None = None,
     save: str | None = None,
+    episodes: int | None = None,
 ) -> dict[str, Any]:
     """The warm start alone (no Ray, no PPO): imitate the teacher with ``warm_start`` settings
     from ``config`` (with ``overrides``), then score the student like a training review does:
-    validation score and held-out metrics, overall and per scenario. With ``save`` the student
+    validation score and held-out metrics, overall, per scenario and per fault type
+    (``episodes`` per held-out scenario; default the config's ``eval_episodes``, which also
+    sets the validation set's size either way). With ``save`` the student
     is also written to ``save/policy`` as a policy bundle (``LearnedPolicy.load`` reads it;
     ``pipemedic checkpoints import`` publishes it)."""
     import tempfile
@@ -137,12 +140,12 @@ def bench_imitation(
         info = {"pipeline_steps": steps, "warm_start": ws.model_dump()}
         bundle = export_bundle(Path(save or tmp) / "policy", cfg.kind, nets, info)
         score = validation_score(bundle, cfg)
-        held_out = evaluate_bundle(bundle, cfg)
+        held_out = evaluate_bundle(bundle, cfg, episodes)
     return {
         "warm_start": ws.model_dump(),
         "seconds": seconds,
         "pipeline_steps": steps,
         "validation_score": score,
-        "eval_episodes": cfg.eval_episodes,
+        "eval_episodes": episodes or cfg.eval_episodes,
         **held_out,
     }

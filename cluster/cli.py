@@ -516,9 +516,13 @@ def bench_imitation_cmd(
     save: Annotated[
         Path | None, typer.Option(help="Also write the student as a policy bundle: SAVE/policy.")
     ] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Held-out episodes per scenario (default: eval_episodes)."),
+    ] = None,
 ) -> None:
     """The warm start alone, no PPO: imitate the teacher, then the validation score and the
-    held-out metrics a training review would log (eval_episodes per scenario)."""
+    held-out metrics a training review would log, overall, per scenario and per fault type."""
     import yaml
 
     from cluster.bench import bench_imitation
@@ -531,7 +535,11 @@ def bench_imitation_cmd(
         overrides[key.strip()] = yaml.safe_load(value)
     try:
         r = bench_imitation(
-            str(config), kind=kind, overrides=overrides, save=str(save) if save else None
+            str(config),
+            kind=kind,
+            overrides=overrides,
+            save=str(save) if save else None,
+            episodes=episodes,
         )
     except PipemedicError as exc:
         fail(exc)
@@ -556,6 +564,7 @@ def bench_imitation_cmd(
             f"{m['cost']:.1f}",
         )
     console.print(table)
+    print_per_fault({"policies": {"student": r}})
 
 
 @bench_app.command("train")

@@ -527,3 +527,25 @@ def test_evaluate_cli_names_a_missing_policy_in_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "no hierarchical policy has been promoted" in result.output
     assert "Traceback" not in result.output
+
+
+def test_evaluate_bundle_reports_every_held_out_incident_once_per_fault(tmp_path):
+    from agents.inference import export_bundle, fresh_nets
+    from cluster.train import evaluate_bundle
+    from envs.catalogue import FAULT_TYPES
+
+    held_out = [
+        str(ROOT / "configs/scenarios/leak-duplicates-timeouts.yaml"),
+        str(ROOT / "configs/scenarios/outage-with-corrupt-batch.yaml"),
+    ]
+    cfg = load_train_config(tiny_config(tmp_path, held_out=held_out, eval_episodes=1))
+    bundle = export_bundle(tmp_path / "b", "hierarchical", fresh_nets("hierarchical"), {})
+    r = evaluate_bundle(bundle, cfg, episodes=2)
+    per_fault = r["per_fault"]
+    # Two episodes of each scenario: each of its scheduled faults is one incident per episode.
+    expected = {f.type for p in held_out for f in load_scenario(p).faults}
+    assert set(per_fault) == expected
+    assert list(per_fault) == [f for f in FAULT_TYPES if f in expected]
+    scheduled = sum(len(load_scenario(p).faults) for p in held_out)
+    assert sum(m["incidents"] for m in per_fault.values()) == 2 * scheduled
+    assert per_fault["memory_leak"]["incidents"] == 2
