@@ -549,3 +549,22 @@ def test_evaluate_bundle_reports_every_held_out_incident_once_per_fault(tmp_path
     scheduled = sum(len(load_scenario(p).faults) for p in held_out)
     assert sum(m["incidents"] for m in per_fault.values()) == 2 * scheduled
     assert per_fault["memory_leak"]["incidents"] == 2
+
+
+def test_bench_imitation_prints_the_students_figures_per_fault(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    held_out = [str(ROOT / "configs/scenarios/outage-with-corrupt-batch.yaml")]
+    config = tiny_config(tmp_path, held_out=held_out, eval_episodes=1)
+    result = CliRunner().invoke(
+        app,
+        ["bench", "imitation", "--config", str(config), "--episodes", "2"]
+        + ["--set", "pipeline_steps=2000", "--set", "rounds=1", "--set", "pipelines=8"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Held-out, 2 episodes per scenario" in result.output
+    assert "Per fault type" in result.output
+    for fault in ("downstream_outage", "corrupt_batch"):
+        assert fault in result.output
