@@ -123,6 +123,7 @@ def bench_imitation(
     from envs.config_files import validated
 
     cfg = load_train_config(config, kind=kind)
+    episodes = episodes or cfg.eval_episodes
     ws = validated(
         WarmStartConfig,
         {**cfg.warm_start.model_dump(), **(overrides or {})},
@@ -146,6 +147,6 @@ def bench_imitation(
         "seconds": seconds,
         "pipeline_steps": steps,
         "validation_score": score,
-        "eval_episodes": episodes or cfg.eval_episodes,
+        "eval_episodes": episodes,
         **held_out,
     }

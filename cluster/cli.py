@@ -549,22 +549,13 @@ def bench_imitation_cmd(
     )
     if save:
         console.print(f"student written to {save / 'policy'}")
-    table = Table(
-        title=f"Held-out, {r['eval_episodes']} episodes per scenario", title_justify="left"
-    )
-    for col in ("scenario", "MTTR s", "unresolved %", "SLO adherence", "records lost", "cost"):
-        table.add_column(col, justify="right")
-    for name, m in [*r["per_scenario"].items(), ("OVERALL", r["overall"])]:
-        table.add_row(
-            name,
-            f"{m['mttr_s']:.0f}",
-            f"{m['unresolved_pct']:.1f}",
-            f"{m['slo_adherence']:.1%}",
-            f"{m['records_lost']:,.0f}",
-            f"{m['cost']:.1f}",
-        )
-    console.print(table)
-    print_per_fault({"policies": {"student": r}})
+    if not r["per_scenario"]:
+        console.print(f"{config} lists no held_out scenarios: no held-out figures")
+        return
+    console.print(f"Held-out, {r['eval_episodes']} episodes per scenario")
+    report = {"policies": {"student": r}}
+    print_report(report, per_scenario=True)
+    print_per_fault(report)
 
 
 @bench_app.command("train")

@@ -23,7 +23,7 @@ import ray
 
 from agents.policy import make_policy
 from agents.rollout import episode_seeds, rollout
-from envs.metrics import EpisodeMetrics, aggregate, figures_by_fault
+from envs.metrics import EpisodeMetrics, summarise
 from envs.params import SimParams
 from envs.scenario import Scenario
 
@@ -81,13 +81,7 @@ def evaluate(
         "scenarios": [s.name for s in scenarios],
     }
     for p in policies:
-        per_scenario = {s.name: aggregate(results[(p, s.name)]) for s in scenarios}
-        everything = [m for s in scenarios for m in results[(p, s.name)]]
-        report["policies"][p] = {
-            "overall": aggregate(everything),
-            "per_scenario": per_scenario,
-            "per_fault": figures_by_fault(everything),
-        }
+        report["policies"][p] = summarise({s.name: results[(p, s.name)] for s in scenarios})
     report["ranking_by_mttr"] = sorted(
         policies, key=lambda p: report["policies"][p]["overall"]["mttr_s"]
     )

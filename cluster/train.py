@@ -65,7 +65,7 @@ from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
 from checkpoints.storage import local_store_dir
 from envs.errors import CheckpointError, ConfigError, PipemedicError
-from envs.metrics import aggregate, figures_by_fault
+from envs.metrics import summarise
 from envs.multi_agent_env import ScenarioMix
 from envs.params import STEP_SECONDS, load_sim_params
 from envs.scenario import Scenario, load_scenario
@@ -97,19 +97,13 @@ def evaluate_bundle(bundle: Path, cfg: TrainConfig, episodes: int | None = None)
     overall, per scenario and per fault type, over ``episodes`` per scenario (default
     ``cfg.eval_episodes``)."""
     params = load_sim_params(cfg.env.sim_config)
-    per_scenario, everything = {}, []
     policy = LearnedPolicy.load(bundle)  # rollout() resets it for every scenario
+    by_scenario = {}
     for path in cfg.held_out:
         scenario = load_scenario(path)
         seeds = episode_seeds(scenario, cfg.seed + 1000, episodes or cfg.eval_episodes)
-        results = rollout(policy, scenario, seeds, params=params)
-        everything += results
-        per_scenario[scenario.name] = aggregate(results)
-    return {
-        "overall": aggregate(everything) if everything else {},
-        "per_scenario": per_scenario,
-        "per_fault": figures_by_fault(everything),
-    }
+        by_scenario[scenario.name] = rollout(policy, scenario, seeds, params=params)
+    return summarise(by_scenario)
 
 
 def set_nets(algo, nets: dict[str, PolicyValueNet]) -> None:

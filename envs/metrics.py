@@ -15,7 +15,7 @@ All functions work on plain per-step traces, so they can be checked on hand-buil
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -168,6 +168,18 @@ def incident_figures(outcomes: Sequence[IncidentOutcome]) -> dict[str, float]:
         "unresolved_pct": 100.0 * float(np.mean(unresolved)) if outcomes else 0.0,
         "ttfca_s": mean_s([o.ttfca_steps for o in outcomes]),
         "incidents": len(outcomes),
+    }
+
+
+def summarise(by_scenario: Mapping[str, Sequence[EpisodeMetrics]]) -> dict[str, dict]:
+    """One policy's figures from its episodes per scenario: ``overall`` (every episode pooled;
+    empty when there are none), ``per_scenario`` and ``per_fault`` (:func:`figures_by_fault`).
+    The shape of a policy's entry in an evaluation report."""
+    everything = [m for episodes in by_scenario.values() for m in episodes]
+    return {
+        "overall": aggregate(everything) if everything else {},
+        "per_scenario": {name: aggregate(episodes) for name, episodes in by_scenario.items()},
+        "per_fault": figures_by_fault(everything),
     }
 
 

@@ -12,6 +12,7 @@ from envs.metrics import (
     figures_by_fault,
     incident_outcome,
     recovery_step,
+    summarise,
 )
 
 T, F = True, False
@@ -84,6 +85,11 @@ def test_aggregate_pools_incidents_and_steps_and_averages_per_episode():
     }
     # In the catalogue's order, not the order of occurrence.
     assert list(figures_by_fault([b, a])) == ["schema_drift", "node_failure", "null_spike"]
+    # One policy's report entry: pooled, per scenario, per fault.
+    summary = summarise({"one": [a], "two": [b]})
+    assert summary["overall"] == report
+    assert summary["per_scenario"] == {"one": aggregate([a]), "two": aggregate([b])}
+    assert summary["per_fault"] == figures_by_fault([a, b])
 
 
 def test_episode_metrics_survive_a_round_trip_through_dicts():
@@ -100,3 +106,5 @@ def test_episode_metrics_survive_a_round_trip_through_dicts():
 def test_aggregate_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="at least one episode"):
         aggregate([])
+    # A summary of no scenarios is empty rather than an error (a config with no held-out set).
+    assert summarise({}) == {"overall": {}, "per_scenario": {}, "per_fault": {}}

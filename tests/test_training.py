@@ -568,3 +568,11 @@ def test_bench_imitation_prints_the_students_figures_per_fault(tmp_path):
     assert "Per fault type" in result.output
     for fault in ("downstream_outage", "corrupt_batch"):
         assert fault in result.output
+    # Without a held-out set it says so instead of printing empty tables.
+    result = CliRunner().invoke(
+        app,
+        ["bench", "imitation", "--config", str(tiny_config(tmp_path))]
+        + ["--set", "pipeline_steps=2000", "--set", "rounds=1", "--set", "pipelines=8"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "lists no held_out scenarios" in result.output
