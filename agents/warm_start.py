@@ -99,6 +99,11 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     max_class_weight: float = Field(10.0, ge=1, description="cap on up-weighting rare labels")
     label_smoothing: float = Field(0.05, ge=0, lt=1)
+    teacher_waits: bool = Field(
+        False,
+        description="the teacher acts on a fault only once telemetry can show it "
+        "(PipelineSim.ground_truth(shown_only=True)): no labels a student cannot learn",
+    )
     specialist_observe_keep: float = Field(
         0.1,
         gt=0,
@@ -196,6 +201,7 @@ def collect(
     round_id: int = 0,
     observe_keep: float = 0.1,
     teacher: str = "oracle",
+    teacher_waits: bool = False,
 ) -> tuple[dict[str, _Samples], int]:
     """Run episodes in the training environment; return labelled samples and the number of
     simulated pipeline steps used.
@@ -203,7 +209,8 @@ def collect(
     The acting role (master or flat) is labelled with the oracle's decision on every step it
     acts; its rewards are recorded for the value fit. Specialists are labelled on every step,
     asked or not, with their domain's cure (``_domain_labels``); as most steps are quiet, only
-    ``observe_keep`` of their ``observe`` labels are kept.
+    ``observe_keep`` of their ``observe`` labels are kept. With ``teacher_waits`` the teacher
+    (labels and acting alike) sees only the faults that telemetry shows already.
     """
     env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
     rng = np.random.default_rng(seed)
@@ -221,7 +228,7 @@ def collect(
             actions = {}
             if any(split_agent_id(a)[0] == top for a in obs):
                 used += env.k
-                truth = env.sim.ground_truth()
+                truth = env.sim.ground_truth(shown_only=teacher_waits)
                 teach_action, teach_stage = oracle.act(env.telemetry, truth)
                 teach_slot = env.encoder.slots[teach_stage]
                 follow_teacher = rng.random(env.k) < teacher_share
@@ -388,6 +395,7 @@ def warm_start(
             round_id=r,
             observe_keep=cfg.specialist_observe_keep,
             teacher=cfg.teacher,
+            teacher_waits=cfg.teacher_waits,
         )
         total += used
         for role, s in data.items():  # DAgger: train on everything collected so far

@@ -60,6 +60,12 @@ _F = FAULT_ID
 _N_FAULT_TYPES = len(FAULT_TYPES)
 _N_ACTIONS = len(SIM_ACTIONS)
 DAY_STEPS = int(24 * 3600 / STEP_SECONDS)
+# A stage's memory use when nothing leaks: it starts here, settles back here, and a restart or
+# an OOM kill puts it back here.
+HEALTHY_MEMORY = 0.5
+# How far above healthy (in telemetry noise sigmas) a leak's memory must be to count as shown
+# (``ground_truth(shown_only=True)``): one reading that high is a 1-in-44 accident on a healthy stage.
+SHOWN_SIGMAS = 2.0
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ class PipelineSim:
         self.replicas = np.full((n, S), p.replicas, dtype=np.int64)
         self.queue = np.zeros((n, S))
         self.backlog = np.zeros((n, S))  # records held back by throttle, admitted later
-        self.mem = np.full((n, S), 0.5)
+        self.mem = np.full((n, S), HEALTHY_MEMORY)
         self.retry_until = np.zeros((n, S), dtype=np.int64)
         self.dedupe_until = np.zeros((n, S), dtype=np.int64)
         self.throttle_until = np.zeros((n, S), dtype=np.int64)
@@ -262,10 +268,24 @@ class PipelineSim:
         t = self.t
         return self.f_valid & (self.f_onset <= t) & (t < self.f_end) & (self.f_cleared_at > t)
 
-    def ground_truth(self) -> GroundTruth:
-        """The true faults right now. Only the oracle and the tests may look at this."""
+    def ground_truth(self, *, shown_only: bool = False) -> GroundTruth:
+        """The true faults right now. Only the oracle and the tests may look at this.
+
+        ``shown_only`` reports as inactive the faults that telemetry cannot show yet, so a
+        teacher that reads this one acts when a telemetry-only agent could. Today that covers
+        the one fault whose onset is hidden in the noise for many steps: a memory leak, until
+        its stage's true memory is ``SHOWN_SIGMAS`` noise sigmas above the healthy level (with
+        the default 0.1 noise, 61% against 50%; it climbs 2 points a step). A restart that did
+        not cure the leak puts memory back to healthy, which hides it again."""
+        active = self.fault_active()
+        if shown_only:
+            shown_at = HEALTHY_MEMORY * np.exp(SHOWN_SIGMAS * self.params.telemetry_noise)
+            rows = np.arange(self.n)[:, None]
+            memory = self.mem[rows, self.f_stage]
+            hidden = (self.f_type == _F["memory_leak"]) & (memory < shown_at)
+            active = active & ~hidden
         return GroundTruth(
-            active=self.fault_active(),
+            active=active,
             types=self.f_type,
             stages=self.f_stage,
             cure_pending=self.f_clear_at != NEVER,
@@ -354,7 +374,7 @@ class PipelineSim:
         b, st = at("restart_stage")
         self._drop_queue(b, st)
         self.down_until[b, st] = t + 1
-        self.mem[b, st] = 0.5
+        self.mem[b, st] = HEALTHY_MEMORY
         b, st = at("failover")
         self.half_until[b, st] = t + 1
         b, st = at("retry_backoff")
@@ -457,7 +477,7 @@ class PipelineSim:
         self.mem = np.where(
             fx["memory_leak"] > 0,
             self.mem + 0.02 * fx["memory_leak"],
-            np.maximum(0.5, self.mem - 0.05),
+            np.maximum(HEALTHY_MEMORY, self.mem - 0.05),
         )
         oom = self.mem >= 1.0
         dropped = self._dropped_by_action
@@ -468,7 +488,7 @@ class PipelineSim:
             dropped += (self.queue * oom).sum(axis=1)
             self.queue[oom] = 0.0
             self.down_until[oom] = t + 1
-            self.mem[oom] = 0.5
+            self.mem[oom] = HEALTHY_MEMORY
 
         # A failed node takes up to three quarters of the stage's replicas with it.
         lost_replicas = np.floor(0.75 * np.minimum(fx["node_failure"], 1.0) * self.replicas + 0.5)

@@ -7,7 +7,7 @@ import pytest
 
 from envs.catalogue import SIM_ACTIONS
 from envs.scenario import NEVER, Scenario, draw_bursts, draw_fault_schedule
-from envs.simulator import PipelineSim
+from envs.simulator import HEALTHY_MEMORY, SHOWN_SIGMAS, PipelineSim
 from envs.telemetry import PIPELINE_METRICS, STAGE_METRICS
 from tests.conftest import single_fault_scenario
 
@@ -133,3 +133,36 @@ def test_restart_with_a_full_queue_drops_the_in_flight_records():
     assert sim.history[-1].records_lost[0] >= queued
     # While the stage restarts, only this step's arrivals (about 10,000 records) wait in its queue.
     assert sim.queue[0, stage] < 1.3 * scenario.load.base_rps * 10
+
+
+def test_shown_only_hides_a_leak_until_its_memory_rises_out_of_the_noise():
+    scenario = single_fault_scenario("memory_leak", at=1, severity=0.8, steps=40)
+    stage = scenario.topology.index(scenario.faults[0].stage)
+    sim = PipelineSim(scenario, n=1)
+    sim.reset([0])
+    while not sim.ground_truth().active.any():
+        sim.step(np.zeros(1, dtype=int), np.zeros(1, dtype=int))
+    shown_at = HEALTHY_MEMORY * np.exp(SHOWN_SIGMAS * sim.params.telemetry_noise)
+    hidden_steps = 0
+    while sim.ground_truth().active.any() and sim.mem[0, stage] < 0.9:
+        shown = sim.ground_truth(shown_only=True).active[0, 0]
+        assert shown == (sim.mem[0, stage] >= shown_at), (sim.t, sim.mem[0, stage])
+        hidden_steps += not shown
+        sim.step(np.zeros(1, dtype=int), np.zeros(1, dtype=int))
+    # Severity 0.8 adds 1.6 points of memory a step, from the step it starts: 51.6%, ... 59.6%
+    # are hidden, 61.2% is shown.
+    assert hidden_steps == 6
+    assert sim.ground_truth(shown_only=True).active[0, 0]
+    # A restart puts memory back to healthy: while its cure is pending the leak is hidden again.
+    sim.step(np.array([SIM_ACTIONS.index("restart_stage")]), np.array([stage]))
+    assert sim.ground_truth().active[0, 0] and not sim.ground_truth(shown_only=True).active[0, 0]
+
+
+def test_shown_only_leaves_other_faults_alone():
+    sim = PipelineSim(single_fault_scenario("duplicate_burst", at=1), n=2)
+    sim.reset([0, 1])
+    for _ in range(5):
+        sim.step(np.zeros(2, dtype=int), np.zeros(2, dtype=int))
+        truth, shown = sim.ground_truth(), sim.ground_truth(shown_only=True)
+        assert truth.active.any()
+        assert (truth.active == shown.active).all()
