@@ -66,6 +66,29 @@ def test_teacher_episodes_label_the_master_with_the_right_delegation():
     assert set(data["quality"].label) & dedupe
 
 
+def test_a_waiting_teacher_delegates_a_leak_only_once_memory_shows_it():
+    cfg = EnvConfig(scenarios=(LEAK_AT_TRANSFORM,), random={"share": 0.0}, pipelines=2)
+    delegate_infra = LAYOUTS["master"].encode("delegate_infra")
+
+    def first_delegation(teacher_waits: bool) -> int:
+        data, _ = collect(
+            cfg,
+            None,
+            steps=40,
+            teacher_share=1.0,
+            pipelines=2,
+            seed=0,
+            teacher_waits=teacher_waits,
+        )
+        # Samples are appended step by step, pipeline by pipeline: index // 2 is the step.
+        return int(np.flatnonzero(np.array(data["master"].label) == delegate_infra)[0]) // 2
+
+    # The oracle delegates on the leak's first step; the waiting teacher lets memory climb
+    # from 50% to 61% first (1.6 points a step at severity 0.8).
+    assert first_delegation(False) == 1
+    assert first_delegation(True) == 1 + 6
+
+
 def test_fit_learns_the_labels():
     scenario = single_fault_scenario("duplicate_burst", at=3, steps=30)
     cfg = EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=8)
