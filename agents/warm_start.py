@@ -367,6 +367,11 @@ def warm_start(
     merged: dict[str, _Samples] = defaultdict(_Samples)
     first_live_round = 0
     if cfg.source == "experience":
+        if cfg.teacher_waits:
+            log.warning(
+                "warm_start.teacher_waits applies to the live rounds only: the stored episodes "
+                "are the teacher's decisions as recorded, leak onsets included"
+            )
         data = samples_from_experience(
             policies=cfg.experience_policies, max_rows=cfg.experience_rows, seed=seed
         )
