@@ -275,8 +275,8 @@ class PipelineSim:
         teacher that reads this one acts when a telemetry-only agent could. Today that covers
         the one fault whose onset is hidden in the noise for many steps: a memory leak, until
         its stage's true memory is ``SHOWN_SIGMAS`` noise sigmas above the healthy level (with
-        the default 0.1 noise, 61% against 50%; it climbs 2 points a step). A restart that did
-        not cure the leak puts memory back to healthy, which hides it again."""
+        the default 0.1 noise, 61% against 50%; it climbs 2 points × severity a step). A restart
+        that did not cure the leak puts memory back to healthy, which hides it again."""
         active = self.fault_active()
         if shown_only:
             shown_at = HEALTHY_MEMORY * np.exp(SHOWN_SIGMAS * self.params.telemetry_noise)
