@@ -510,6 +510,9 @@ def samples_from_experience(
 ) -> dict[str, _Samples]:
     """Imitation samples per role from the experience table's ``sim`` transitions of
     ``policies`` (the recorded action is the label)."""
+    import pyarrow.compute as pc
+
+    from agents.inference import agent_sizes
     from checkpoints.experience import ReplaySampler
 
     sampler = ReplaySampler(uri)
@@ -529,6 +532,20 @@ def samples_from_experience(
     agents = table.column("agent").to_numpy(zero_copy_only=False)
     for role in np.unique(agents):
         part = table.filter(agents == role)
+        # Rows recorded by code with another observation layout cannot be learned from.
+        size = agent_sizes(str(role))[0]
+        fits = pc.equal(pc.list_value_length(part.column("observation")), size)
+        if not pc.all(fits).as_py():
+            log.warning(
+                "experience: %d %s transitions have observations of another size than this "
+                "code's %d (recorded by an older version); they are skipped",
+                len(part) - pc.sum(fits).as_py(),
+                role,
+                size,
+            )
+            part = part.filter(fits)
+            if len(part) == 0:
+                continue
         s = _Samples()
         obs = np.stack(part.column("observation").to_numpy(zero_copy_only=False))
         s.obs = list(np.clip(obs.astype(np.float32), -OBS_BOUND, OBS_BOUND))

@@ -36,6 +36,7 @@ checkpoint (``--fresh`` starts over); the run keeps its run id, so no version is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -139,18 +140,26 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
         console.print(f"warm start from the bundle {ws.from_bundle}")
         return int(manifest.get("pipeline_steps", 0))  # what the bundle cost, if it says
     nets = current_nets(algo, cfg)
-
-    def report(round_: int, used: int, accuracy: dict[str, float]) -> None:
-        acc = "  ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy.items()))
-        console.print(
-            f"warm start round {round_}/{ws.rounds}: {used:,} pipeline steps; label accuracy {acc}"
-        )
-
     used = warm_start(
-        nets, cfg.env_config(), ws, gamma=cfg.ppo.gamma, seed=cfg.seed, on_round=report
+        nets,
+        cfg.env_config(),
+        ws,
+        gamma=cfg.ppo.gamma,
+        seed=cfg.seed,
+        on_round=functools.partial(print_warm_start_round, console, ws.rounds),
     )
     set_nets(algo, nets)
     return used
+
+
+def print_warm_start_round(
+    console: Console, rounds: int, round_: int, used: int, accuracy: dict[str, float]
+) -> None:
+    """One line per DAgger round of the warm start: steps so far and label accuracy per role."""
+    acc = "  ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy.items()))
+    console.print(
+        f"warm start round {round_}/{rounds}: {used:,} pipeline steps; label accuracy {acc}"
+    )
 
 
 def _check_resumable(saved_config: Path, cfg: TrainConfig) -> None:

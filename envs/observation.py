@@ -10,8 +10,11 @@ Layout
     Each metric is squashed to roughly [0, 1] (rates on a log scale, traffic relative to the
     pipeline's usual inflow, latency and freshness relative to their SLO). The encoder keeps,
     per pipeline, the last value seen of every metric (telemetry is partial: a missing value
-    repeats the last one) and a slow moving average, its picture of "usual"; the observation is
-    the current value and its departure from usual, plus the last action taken.
+    repeats the last one), a slow moving average, its picture of "usual", and a fast one of the
+    last few steps. The observation has three blocks (``FEATURE_BLOCKS``): the current value,
+    its departure from usual, and the recent average, which carries a third of a single
+    reading's noise variance (a memory leak's slow climb stands out of it steps before it does
+    of one noisy reading); then the last action taken.
 
 Views
     ``master`` and ``flat`` see every metric; a specialist sees its domain's metrics only
@@ -94,6 +97,13 @@ _N_PIPELINE_FEATURES = 10
 OBS_BOUND = 10.0
 # How fast the picture of "usual" follows the telemetry (per step; ~50 steps of memory).
 BASELINE_RATE = 0.02
+#: How fast the recent average follows the telemetry: weights 1/2, 1/4, 1/8... on the last
+#: readings. Independent noise keeps rate / (2 - rate) = 1/3 of its variance; a steady climb
+#: lags by (1 - rate) / rate = 1 step.
+RECENT_RATE = 0.5
+#: The blocks of the feature vector, in order; each is every (slot, stage metric), then the
+#: pipeline features.
+FEATURE_BLOCKS: tuple[str, ...] = ("current", "departure", "recent")
 
 
 def clip(x: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -145,8 +155,8 @@ def observation_size(view: str) -> int:
     n_metrics = (
         len(STAGE_METRICS) if view in ("master", "flat") else len(DOMAIN_STAGE_METRICS[view])
     )
-    per_time = N_SLOTS * n_metrics + _N_PIPELINE_FEATURES
-    return 2 * per_time + len(SIM_ACTIONS) + N_SLOTS + 1
+    per_block = N_SLOTS * n_metrics + _N_PIPELINE_FEATURES
+    return len(FEATURE_BLOCKS) * per_block + len(SIM_ACTIONS) + N_SLOTS + 1
 
 
 class ObservationEncoder:
@@ -171,6 +181,7 @@ class ObservationEncoder:
         self._last_stage: np.ndarray | None = None
         self._last_pipeline: np.ndarray | None = None
         self._usual: np.ndarray | None = None
+        self._recent: np.ndarray | None = None
         self._usual_inflow: np.ndarray | None = None
         self.last_action = np.full(self.n, ACTION_ID["observe"], dtype=np.int64)
         self.last_slot = np.zeros(self.n, dtype=np.int64)
@@ -201,7 +212,10 @@ class ObservationEncoder:
         current = self._squash(stage, pipe)
         if self._usual is None:
             self._usual = current.copy()
-        self.features = np.concatenate([current, current - self._usual], axis=1)
+            self._recent = current.copy()
+        else:
+            self._recent += RECENT_RATE * (current - self._recent)
+        self.features = np.concatenate([current, current - self._usual, self._recent], axis=1)
         self._usual += BASELINE_RATE * (current - self._usual)
 
         slots = np.zeros((self.n, N_SLOTS))
@@ -212,7 +226,7 @@ class ObservationEncoder:
     def copy(self) -> ObservationEncoder:
         """An independent copy (cheap: the parameters and topology are shared, read-only)."""
         twin = copy.copy(self)
-        for name in ("_usual", "_usual_inflow"):  # the only arrays updated in place
+        for name in ("_usual", "_recent", "_usual_inflow"):  # the only arrays updated in place
             value = getattr(self, name)
             setattr(twin, name, None if value is None else value.copy())
         return twin
@@ -284,13 +298,12 @@ class ObservationEncoder:
         """Observation vectors of one view, shape (n, observation_size(view)), float32."""
         f = self.features
         if view not in ("master", "flat"):
-            per_time = f.shape[1] // 2
             cols = self._view_columns[view]
-            halves = []
-            for half in (f[:, :per_time], f[:, per_time:]):
-                stage = half[:, : N_SLOTS * len(STAGE_METRICS)].reshape(self.n, N_SLOTS, -1)
-                halves += [stage[:, :, cols].reshape(self.n, -1), half[:, -_N_PIPELINE_FEATURES:]]
-            f = np.concatenate(halves, axis=1)
+            parts = []
+            for name in FEATURE_BLOCKS:
+                stage, pipe = self.block(name)
+                parts += [stage[:, :, cols].reshape(self.n, -1), pipe]
+            f = np.concatenate(parts, axis=1)
         context = np.concatenate(
             [
                 np.eye(len(SIM_ACTIONS))[self.last_action],
@@ -300,6 +313,15 @@ class ObservationEncoder:
             axis=1,
         )
         return np.concatenate([f, context], axis=1).astype(np.float32)
+
+    def block(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One block of the features (``FEATURE_BLOCKS``): stage metrics in slot order,
+        (n, N_SLOTS, len(STAGE_METRICS)), and pipeline features (n, 10)."""
+        per_block = self.features.shape[1] // len(FEATURE_BLOCKS)
+        start = FEATURE_BLOCKS.index(name) * per_block
+        b = self.features[:, start : start + per_block]
+        n_stage = N_SLOTS * len(STAGE_METRICS)
+        return b[:, :n_stage].reshape(self.n, N_SLOTS, -1), b[:, n_stage:]
 
     def action_mask(self, agent: str) -> np.ndarray:
         """1 where an action of ``agent``'s layout is allowed now, shape (n, layout size)."""

@@ -501,9 +501,7 @@ def explain_signals(enc: ObservationEncoder, view: str) -> list[schemas.Signal]:
     values, then those over their alarm level (``ALARMS``)."""
     metrics = STAGE_METRICS if view == "master" else DOMAIN_STAGE_METRICS[view]
     cols = np.array([STAGE_INDEX[m] for m in metrics])
-    per_time = enc.features.shape[1] // 2
-    departure = enc.features[0, per_time : per_time + N_SLOTS * len(STAGE_METRICS)]
-    departure = departure.reshape(N_SLOTS, len(STAGE_METRICS))[:, cols]
+    departure = enc.block("departure")[0][0][:, cols]
     departure[~enc.present] = 0.0
     raw, _ = enc.last_values()
     value = np.zeros((N_SLOTS, len(cols)))

@@ -8,7 +8,14 @@ from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
 from envs.catalogue import MASTER_ACTIONS, STAGES
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv, agent_id
-from envs.observation import LAYOUTS, MODEL_SLOT, N_SLOTS, ObservationEncoder
+from envs.observation import (
+    DOMAIN_STAGE_METRICS,
+    LAYOUTS,
+    MODEL_SLOT,
+    N_SLOTS,
+    ObservationEncoder,
+    observation_size,
+)
 from envs.params import SimParams
 from envs.scenario import NEVER, Scenario
 from tests.conftest import single_fault_scenario
@@ -112,6 +119,36 @@ def test_masks_follow_the_rules():
     full = ObservationEncoder(STAGES, SimParams(), n=1)
     model = full.action_mask("drift").reshape(len(actions), N_SLOTS)
     assert model[actions.index("retrain_model")].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_the_recent_block_averages_the_last_readings_and_every_view_has_it():
+    from envs.telemetry import PIPELINE_METRICS, STAGE_INDEX, STAGE_METRICS, Telemetry
+
+    enc = ObservationEncoder(STAGES, SimParams(), n=1)
+
+    def reading(mem: float) -> Telemetry:
+        stage = np.full((1, len(STAGES), len(STAGE_METRICS)), 0.01)
+        stage[0, :, STAGE_INDEX["throughput_in_rps"]] = 100.0
+        stage[0, 1, STAGE_INDEX["mem"]] = mem
+        return Telemetry(STAGES, stage, np.full((1, len(PIPELINE_METRICS)), 0.01), step=0)
+
+    def mem_of(block: str) -> float:
+        return float(enc.block(block)[0][0, 1, STAGE_INDEX["mem"]])
+
+    enc.update(reading(0.5))
+    assert mem_of("recent") == pytest.approx(0.5)
+    enc.update(reading(0.9))  # a jump: the current value shows it whole, the average half of it
+    assert (mem_of("current"), mem_of("recent")) == pytest.approx((0.9, 0.7))
+    enc.update(reading(0.9))
+    assert mem_of("recent") == pytest.approx(0.8)
+    for view in ("master", "infra"):  # the specialists see the block too
+        obs = enc.observe(view)
+        assert obs.shape == (1, observation_size(view))
+    # The infra view's blocks are its own metrics of each slot, then the pipeline features.
+    cols = DOMAIN_STAGE_METRICS["infra"]
+    per_block = N_SLOTS * len(cols) + len(enc.block("recent")[1][0])
+    at = 2 * per_block + 1 * len(cols) + cols.index("mem")  # recent block, slot 1, mem
+    assert enc.observe("infra")[0, at] == pytest.approx(0.8)
 
 
 def test_escalate_is_masked_while_a_human_is_on_the_way():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from agents.inference import agent_sizes
@@ -103,13 +105,15 @@ def test_fit_learns_the_labels():
     assert accuracy["master (acting labels)"] > 0.5 and accuracy["quality (acting labels)"] > 0.5
 
 
-def test_recorded_oracle_transitions_chain_and_clone_into_a_working_policy(tmp_path, monkeypatch):
+def test_recorded_oracle_transitions_chain_and_clone_into_a_working_policy(
+    tmp_path, monkeypatch, caplog
+):
     """``record_episodes`` writes agent-level transitions (each next observation is that agent's
     next observation), and a warm start from them alone beats doing nothing."""
     from agents.inference import LearnedPolicy, manifest_for
     from agents.rollout import episode_seeds, rollout
-    from agents.warm_start import record_episodes, warm_start
-    from checkpoints.experience import ExperienceWriter, ReplaySampler
+    from agents.warm_start import record_episodes, samples_from_experience, warm_start
+    from checkpoints.experience import ExperienceWriter, ReplaySampler, Transitions
     from envs.metrics import aggregate
 
     scenario = single_fault_scenario("duplicate_burst", at=3, steps=40)
@@ -130,6 +134,25 @@ def test_recorded_oracle_transitions_chain_and_clone_into_a_working_policy(tmp_p
     # The oracle deduplicates: the quality specialist was asked and answered.
     assert "quality" in set(agent)
     assert rows["truncated"].to_pylist().count(True) >= 16  # every episode ends truncated
+
+    # Rows from code with another observation layout are skipped with a warning, not stacked.
+    with ExperienceWriter(run_id="old", source="sim") as old_writer:
+        old_writer.add(
+            Transitions(
+                episode=["old-0"] * 2,
+                step=np.arange(2),
+                agent=["master"] * 2,
+                observation=np.zeros((2, agent_sizes("master")[0] - 105), dtype=np.float32),
+                action=np.zeros(2, dtype=np.int64),
+                reward=np.zeros(2),
+                policy_version="oracle",
+                action_mask=np.ones((2, LAYOUTS["master"].size), dtype=np.float32),
+            )
+        )
+    with caplog.at_level(logging.WARNING, logger="agents.warm_start"):
+        data = samples_from_experience(policies=("oracle",), max_rows=10**9, seed=0)
+    assert len(data["master"].label) == table["agent"].to_pylist().count("master")
+    assert "2 master transitions have observations of another size" in caplog.text
 
     nets = {a: PolicyValueNet(*agent_sizes(a), [32, 32]) for a in ("master", *DOMAINS)}
     ws = WarmStartConfig(source="experience", epochs=20, rounds=1)  # no live rounds
