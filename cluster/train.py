@@ -163,8 +163,21 @@ def print_warm_start_round(
 
 
 def _check_resumable(saved_config: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume with a different ``ppo.train_modules``: RLlib's checkpoint restores
-    which modules its learner updates, so the new setting would be silently ignored."""
+    """Refuse to resume a run whose networks have other observation or action sizes than this
+    code's (trained before an encoder change: RLlib would fail deep in a weight copy), or with
+    a different ``ppo.train_modules``: RLlib's checkpoint restores which modules its learner
+    updates, so the new setting would be silently ignored."""
+    manifest_file = saved_config.parent / "policy" / "policy.json"
+    if manifest_file.exists():
+        agents = json.loads(manifest_file.read_text()).get("agents", {})
+        for agent, spec in agents.items():
+            sizes, expected = (spec.get("obs_size"), spec.get("n_actions")), agent_sizes(agent)
+            if sizes != expected:
+                raise CheckpointError(
+                    f"the run in {saved_config.parent} has {agent} networks for observation/"
+                    f"action sizes {sizes}, this code uses {expected} (the run predates an "
+                    "encoder change); start over with --fresh"
+                )
     if not saved_config.exists():
         return
     before = json.loads(saved_config.read_text()).get("ppo", {}).get("train_modules", [])

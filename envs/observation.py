@@ -13,8 +13,8 @@ Layout
     repeats the last one), a slow moving average, its picture of "usual", and a fast one of the
     last few steps. The observation has three blocks (``FEATURE_BLOCKS``): the current value,
     its departure from usual, and the recent average, which carries a third of a single
-    reading's noise variance (a memory leak's slow climb stands out of it steps before it does
-    of one noisy reading); then the last action taken.
+    reading's noise variance, so a slow climb (a memory leak's) stands out of the noise
+    sooner; then the last action taken.
 
 Views
     ``master`` and ``flat`` see every metric; a specialist sees its domain's metrics only

@@ -331,6 +331,21 @@ def test_resume_refuses_a_changed_train_modules(tmp_path):
     _check_resumable(tmp_path / "missing.json", cfg)  # nothing saved: nothing to compare
 
 
+def test_resume_refuses_a_run_trained_for_other_observation_sizes(tmp_path):
+    from agents.inference import agent_sizes, export_bundle, fresh_nets
+
+    cfg = load_train_config(tiny_config(tmp_path))
+    (tmp_path / "config.json").write_text(cfg.model_dump_json(by_alias=True))
+    export_bundle(tmp_path / "policy", "hierarchical", fresh_nets("hierarchical", hidden=(8,)), {})
+    _check_resumable(tmp_path / "config.json", cfg)  # this code's sizes: fine
+    manifest = json.loads((tmp_path / "policy" / "policy.json").read_text())
+    old_size = agent_sizes("infra")[0] - 70  # the infra view before the recent block
+    manifest["agents"]["infra"]["obs_size"] = old_size
+    (tmp_path / "policy" / "policy.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"infra networks for .*\({old_size}, .*--fresh"):
+        _check_resumable(tmp_path / "config.json", cfg)
+
+
 def test_config_errors_name_the_key(tmp_path):
     bad = tiny_config(tmp_path, ppo={"lr": -1})
     with pytest.raises(ConfigError, match="ppo.lr"):
