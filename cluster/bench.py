@@ -112,16 +112,15 @@ def bench_imitation(
     sets the validation set's size either way). With ``save`` the student
     is also written to ``save/policy`` as a policy bundle (``LearnedPolicy.load`` reads it;
     ``pipemedic checkpoints import`` publishes it)."""
-    import functools
     import tempfile
     import time
     from pathlib import Path
 
     from agents.inference import export_bundle, fresh_nets
     from agents.ppo_config import load_train_config
-    from agents.warm_start import WarmStartConfig, warm_start
+    from agents.warm_start import WarmStartConfig
     from cluster.cli_output import console
-    from cluster.train import evaluate_bundle, print_warm_start_round, validation_score
+    from cluster.train import evaluate_bundle, imitate, validation_score
     from envs.config_files import validated
 
     cfg = load_train_config(config, kind=kind)
@@ -135,14 +134,7 @@ def bench_imitation(
     for net in nets.values():
         net.train()
     t0 = time.perf_counter()
-    steps = warm_start(
-        nets,
-        cfg.env_config(),
-        ws,
-        gamma=cfg.ppo.gamma,
-        seed=cfg.seed,
-        on_round=functools.partial(print_warm_start_round, console, ws.rounds),
-    )
+    steps = imitate(nets, cfg, ws, console)
     seconds = time.perf_counter() - t0
     for net in nets.values():
         net.eval()

@@ -127,8 +127,6 @@ def set_nets(algo, nets: dict[str, PolicyValueNet]) -> None:
 
 def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
     """Imitate the oracle (agents.warm_start), then hand the weights to RLlib."""
-    from agents.warm_start import warm_start
-
     ws = cfg.warm_start
     if ws.from_bundle:
         manifest, nets = load_bundle(Path(ws.from_bundle))
@@ -140,7 +138,17 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
         console.print(f"warm start from the bundle {ws.from_bundle}")
         return int(manifest.get("pipeline_steps", 0))  # what the bundle cost, if it says
     nets = current_nets(algo, cfg)
-    used = warm_start(
+    used = imitate(nets, cfg, ws, console)
+    set_nets(algo, nets)
+    return used
+
+
+def imitate(nets, cfg: TrainConfig, ws, console: Console) -> int:
+    """Run the warm start ``ws`` on ``nets`` in ``cfg``'s training environment, printing each
+    DAgger round; returns the simulated pipeline steps used."""
+    from agents.warm_start import warm_start
+
+    return warm_start(
         nets,
         cfg.env_config(),
         ws,
@@ -148,8 +156,6 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
         seed=cfg.seed,
         on_round=functools.partial(print_warm_start_round, console, ws.rounds),
     )
-    set_nets(algo, nets)
-    return used
 
 
 def print_warm_start_round(

@@ -579,6 +579,7 @@ def test_bench_imitation_prints_the_students_figures_per_fault(tmp_path):
         + ["--set", "pipeline_steps=2000", "--set", "rounds=1", "--set", "pipelines=8"],
     )
     assert result.exit_code == 0, result.output
+    assert "warm start round 1/1:" in result.output  # progress while it imitates
     assert "Held-out, 2 episodes per scenario" in result.output
     assert "Per fault type" in result.output
     for fault in ("downstream_outage", "corrupt_batch"):
