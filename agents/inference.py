@@ -138,6 +138,17 @@ def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, PolicyValueNet]]:
     return manifest, nets_from_weights(manifest, weights, where=str(path))
 
 
+def check_sizes(agent: str, spec: dict[str, Any], *, where: str) -> None:
+    """A clear CheckpointError when a manifest's agent ``spec`` was trained for other
+    observation or action sizes than this code's (``agent_sizes``)."""
+    expected = agent_sizes(agent)
+    if (spec.get("obs_size"), spec.get("n_actions")) != expected:
+        raise CheckpointError(
+            f"{where}: agent {agent!r} was trained for observation/action sizes "
+            f"{(spec.get('obs_size'), spec.get('n_actions'))}, this code uses {expected}"
+        )
+
+
 def nets_from_weights(
     manifest: dict[str, Any], weights: dict[str, bytes], *, where: str
 ) -> dict[str, PolicyValueNet]:
@@ -153,12 +164,7 @@ def nets_from_weights(
         spec = manifest.get("agents", {}).get(agent)
         if spec is None:
             raise CheckpointError(f"{where}: agent {agent!r} missing from the manifest")
-        expected = agent_sizes(agent)
-        if (spec["obs_size"], spec["n_actions"]) != expected:
-            raise CheckpointError(
-                f"{where}: agent {agent!r} was trained for observation/action sizes "
-                f"{(spec['obs_size'], spec['n_actions'])}, this code uses {expected}"
-            )
+        check_sizes(agent, spec, where=where)
         if agent not in weights:
             raise CheckpointError(f"{where}: the weights of agent {agent!r} are missing")
         net = PolicyValueNet(spec["obs_size"], spec["n_actions"], spec["hidden"])

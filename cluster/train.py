@@ -45,7 +45,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -56,6 +56,7 @@ from agents.inference import (
     AGENTS_OF_KIND,
     LearnedPolicy,
     agent_sizes,
+    check_sizes,
     export_bundle,
     load_bundle,
     manifest_for,
@@ -70,6 +71,9 @@ from envs.metrics import summarise
 from envs.multi_agent_env import ScenarioMix
 from envs.params import STEP_SECONDS, load_sim_params
 from envs.scenario import Scenario, load_scenario
+
+if TYPE_CHECKING:
+    from agents.warm_start import WarmStartConfig
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
@@ -143,7 +147,9 @@ def _warm_start(algo, cfg: TrainConfig, console: Console) -> int:
     return used
 
 
-def imitate(nets, cfg: TrainConfig, ws, console: Console) -> int:
+def imitate(
+    nets: dict[str, PolicyValueNet], cfg: TrainConfig, ws: WarmStartConfig, console: Console
+) -> int:
     """Run the warm start ``ws`` on ``nets`` in ``cfg``'s training environment, printing each
     DAgger round; returns the simulated pipeline steps used."""
     from agents.warm_start import warm_start
@@ -175,15 +181,11 @@ def _check_resumable(saved_config: Path, cfg: TrainConfig) -> None:
     updates, so the new setting would be silently ignored."""
     manifest_file = saved_config.parent / "policy" / "policy.json"
     if manifest_file.exists():
-        agents = json.loads(manifest_file.read_text()).get("agents", {})
-        for agent, spec in agents.items():
-            sizes, expected = (spec.get("obs_size"), spec.get("n_actions")), agent_sizes(agent)
-            if sizes != expected:
-                raise CheckpointError(
-                    f"the run in {saved_config.parent} has {agent} networks for observation/"
-                    f"action sizes {sizes}, this code uses {expected} (the run predates an "
-                    "encoder change); start over with --fresh"
-                )
+        for agent, spec in json.loads(manifest_file.read_text()).get("agents", {}).items():
+            try:
+                check_sizes(agent, spec, where=f"the run in {saved_config.parent}")
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; start over with --fresh") from None
     if not saved_config.exists():
         return
     before = json.loads(saved_config.read_text()).get("ppo", {}).get("train_modules", [])

@@ -316,7 +316,7 @@ class ObservationEncoder:
 
     def block(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """One block of the features (``FEATURE_BLOCKS``): stage metrics in slot order,
-        (n, N_SLOTS, len(STAGE_METRICS)), and pipeline features (n, 10)."""
+        (n, N_SLOTS, len(STAGE_METRICS)), and pipeline features (n, _N_PIPELINE_FEATURES)."""
         per_block = self.features.shape[1] // len(FEATURE_BLOCKS)
         start = FEATURE_BLOCKS.index(name) * per_block
         b = self.features[:, start : start + per_block]

@@ -501,7 +501,8 @@ def explain_signals(enc: ObservationEncoder, view: str) -> list[schemas.Signal]:
     values, then those over their alarm level (``ALARMS``)."""
     metrics = STAGE_METRICS if view == "master" else DOMAIN_STAGE_METRICS[view]
     cols = np.array([STAGE_INDEX[m] for m in metrics])
-    departure = enc.block("departure")[0][0][:, cols]
+    stage_departure, _ = enc.block("departure")
+    departure = stage_departure[0][:, cols]  # a copy: zeroing absent stages leaves enc alone
     departure[~enc.present] = 0.0
     raw, _ = enc.last_values()
     value = np.zeros((N_SLOTS, len(cols)))

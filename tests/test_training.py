@@ -342,7 +342,9 @@ def test_resume_refuses_a_run_trained_for_other_observation_sizes(tmp_path):
     old_size = agent_sizes("infra")[0] - 70  # the infra view before the recent block
     manifest["agents"]["infra"]["obs_size"] = old_size
     (tmp_path / "policy" / "policy.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=rf"infra networks for .*\({old_size}, .*--fresh"):
+    with pytest.raises(
+        CheckpointError, match=rf"'infra' was trained for .*\({old_size}, .*--fresh"
+    ):
         _check_resumable(tmp_path / "config.json", cfg)
 
 
