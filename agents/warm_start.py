@@ -98,6 +98,12 @@ class WarmStartConfig(BaseModel):
     batch_size: int = Field(512, ge=16)
     lr: float = Field(1e-3, gt=0)
     max_class_weight: float = Field(10.0, ge=1, description="cap on up-weighting rare labels")
+    master_max_class_weight: float | None = Field(
+        None,
+        ge=1,
+        description="the master's own cap (None: max_class_weight): its rare labels are "
+        "delegations, the specialists' are cures",
+    )
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     teacher_waits: bool = Field(
         False,
@@ -292,6 +298,22 @@ def _student_action(net: PolicyValueNet, o: dict[str, np.ndarray]) -> int:
     return int(net.logits(obs, mask).argmax())
 
 
+def class_weight_cap(role: str, cfg: WarmStartConfig) -> float:
+    """How far ``role``'s rarest labels may be up-weighted: ``master_max_class_weight`` for
+    the master when set, else ``max_class_weight``."""
+    if role == MASTER and cfg.master_max_class_weight is not None:
+        return cfg.master_max_class_weight
+    return cfg.max_class_weight
+
+
+def label_weights(label: torch.Tensor, n_actions: int, cap: float) -> torch.Tensor:
+    """Per sample, the inverse of its label's frequency (1 for a label as common as the
+    average one), capped at ``cap``: most steps are quiet and some faults are rare, and
+    weighting keeps rare cures from being drowned out; ``cap`` 1 weights nothing up."""
+    counts = torch.bincount(label, minlength=n_actions).float()
+    return (counts[label].reciprocal() * len(label) / counts.count_nonzero()).clamp(max=cap)
+
+
 def fit(
     nets: dict[str, PolicyValueNet],
     data: dict[str, _Samples],
@@ -315,12 +337,7 @@ def fit(
         ret = torch.from_numpy(s.returns(gamma)) if acted else None
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         n = len(label)
-        # Most steps are quiet and some faults are rare: weight each sample by the inverse of
-        # its label's frequency (capped), so rare cures are not drowned out.
-        counts = torch.bincount(label, minlength=net.n_actions).float()
-        weight = (counts[label].reciprocal() * n / counts.count_nonzero()).clamp(
-            max=cfg.max_class_weight
-        )
+        weight = label_weights(label, net.n_actions, class_weight_cap(role, cfg))
         # Label smoothing over the allowed actions keeps some probability on the alternatives,
         # so PPO can still explore where the teacher's labels were thin.
         allowed = mask / mask.sum(dim=1, keepdim=True)

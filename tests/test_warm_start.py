@@ -5,10 +5,18 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from agents.inference import agent_sizes
 from agents.networks import PolicyValueNet
-from agents.warm_start import WarmStartConfig, _domain_labels, collect, fit
+from agents.warm_start import (
+    WarmStartConfig,
+    _domain_labels,
+    class_weight_cap,
+    collect,
+    fit,
+    label_weights,
+)
 from envs.catalogue import ACTION_ID, DOMAINS, STAGES, best_cure
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv
 from envs.observation import LAYOUTS
@@ -176,3 +184,14 @@ def _observe_only_nets():
         last.bias.fill_(-10.0)
         last.bias[LAYOUTS["master"].encode("observe")] = 10.0
     return nets
+
+
+def test_only_the_master_takes_its_own_class_weight_cap():
+    cfg = WarmStartConfig(max_class_weight=1.0, master_max_class_weight=3.0)
+    assert class_weight_cap("master", cfg) == 3.0
+    assert class_weight_cap("infra", cfg) == class_weight_cap("flat", cfg) == 1.0
+    assert class_weight_cap("master", WarmStartConfig(max_class_weight=2.0)) == 2.0
+    # 8 quiet labels, 2 rare ones: weights are n / (classes * count), capped.
+    label = torch.tensor([0] * 8 + [1] * 2)
+    assert label_weights(label, 4, 10.0).tolist() == [10 / 16] * 8 + [10 / 4] * 2
+    assert label_weights(label, 4, 1.0).tolist() == [10 / 16] * 8 + [1.0] * 2
