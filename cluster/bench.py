@@ -116,11 +116,11 @@ def bench_imitation(
     import time
     from pathlib import Path
 
-    from agents.inference import export_bundle, fresh_nets
+    from agents.inference import export_bundle
     from agents.ppo_config import load_train_config
     from agents.warm_start import WarmStartConfig
     from cluster.cli_output import console
-    from cluster.train import evaluate_bundle, imitate, validation_score
+    from cluster.train import evaluate_bundle, imitate, initial_nets, validation_score
     from envs.config_files import validated
 
     cfg = load_train_config(config, kind=kind)
@@ -130,9 +130,7 @@ def bench_imitation(
         {**cfg.warm_start.model_dump(), **(overrides or {})},
         where=f"{config}: warm_start (with --set)",
     )
-    nets = fresh_nets(cfg.kind, hidden=tuple(cfg.ppo.hidden), seed=cfg.seed)
-    for net in nets.values():
-        net.train()
+    nets = initial_nets(cfg)  # what training's warm start begins from, too
     t0 = time.perf_counter()
     steps = imitate(nets, cfg, ws, console)
     seconds = time.perf_counter() - t0

@@ -23,7 +23,14 @@ from agents.inference import LearnedPolicy, load_bundle
 from agents.policy import EpisodeContext
 from agents.ppo_config import build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
-from cluster.train import _check_resumable, current_nets, train
+from cluster.train import (
+    _check_resumable,
+    _warm_start,
+    current_nets,
+    imitate,
+    initial_nets,
+    train,
+)
 from envs.catalogue import ACTION_ID
 from envs.errors import CheckpointError, ConfigError
 from envs.metrics import aggregate
@@ -298,6 +305,27 @@ def test_ppo_updates_only_the_modules_it_is_told_to_train(ray_session, tmp_path)
     assert not same(before["master"], after["master"])
     for specialist in ("drift", "infra", "quality"):
         assert same(before[specialist], after[specialist]), specialist
+
+
+def test_trainings_warm_start_is_the_one_bench_imitation_runs(ray_session, tmp_path):
+    """Training's warm start begins from seeded networks, not RLlib's own initial weights
+    (which differ between runs with one seed), so ``pipemedic bench imitation`` repeats it."""
+    from rich.console import Console
+
+    ws = {"enabled": True, "pipeline_steps": 1000, "rounds": 2, "pipelines": 8, "epochs": 1}
+    cfg = load_train_config(tiny_config(tmp_path, warm_start=ws))
+    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
+    algo = build_ppo_config(cfg).build_algo()
+    try:
+        _warm_start(algo, cfg, quiet)
+        trained = current_nets(algo, cfg)
+    finally:
+        algo.stop()
+    alone = initial_nets(cfg)
+    imitate(alone, cfg, cfg.warm_start, quiet)
+    for agent, net in trained.items():
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, alone[agent].state_dict()[key]), (agent, key)
 
 
 def test_validation_random_scenario_has_the_training_mix_rates_on_its_own_seed(tmp_path):
