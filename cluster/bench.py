@@ -134,8 +134,6 @@ def bench_imitation(
     t0 = time.perf_counter()
     steps = imitate(nets, cfg, ws, console)
     seconds = time.perf_counter() - t0
-    for net in nets.values():
-        net.eval()
     console.print(f"scoring the student: validation set, then {episodes} held-out episodes each")
     with tempfile.TemporaryDirectory(prefix="pipemedic-imitation-") as tmp:
         info = {"pipeline_steps": steps, "warm_start": ws.model_dump()}

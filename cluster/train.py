@@ -154,10 +154,7 @@ def initial_nets(cfg: TrainConfig) -> dict[str, PolicyValueNet]:
     same seed (the same warm start from them scored 2.76 and 3.79 in validation; README), so a
     training could not be repeated, nor its warm start tried alone with
     ``pipemedic bench imitation``, which begins here too."""
-    nets = fresh_nets(cfg.kind, hidden=tuple(cfg.ppo.hidden), seed=cfg.seed)
-    for net in nets.values():
-        net.train()
-    return nets
+    return fresh_nets(cfg.kind, hidden=tuple(cfg.ppo.hidden), seed=cfg.seed)
 
 
 def imitate(

@@ -314,7 +314,7 @@ def test_trainings_warm_start_is_the_one_bench_imitation_runs(ray_session, tmp_p
 
     ws = {"enabled": True, "pipeline_steps": 1000, "rounds": 2, "pipelines": 8, "epochs": 1}
     cfg = load_train_config(tiny_config(tmp_path, warm_start=ws))
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
+    quiet = Console(quiet=True)
     algo = build_ppo_config(cfg).build_algo()
     try:
         _warm_start(algo, cfg, quiet)
