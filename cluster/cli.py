@@ -484,16 +484,28 @@ def train(
     kind: Annotated[str | None, typer.Option(help="Override: hierarchical or flat.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default STORE/runs/KIND).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in --out, start over.")] = False,
+    iterations: Annotated[int | None, typer.Option(min=1, help="Stop after this many.")] = None,
+    env_runners: Annotated[
+        int | None,
+        typer.Option(min=0, help="Override ppo.env_runners (a cluster sizes this to its CPUs)."),
+    ] = None,
+    promote: Annotated[
+        bool, typer.Option(help="Promote the selected version in the checkpoints table.")
+    ] = True,
 ) -> None:
     """Train with RLlib PPO (resumes from the latest checkpoint); same as python -m cluster.train."""
-    from agents.ppo_config import load_train_config
-    from checkpoints.storage import local_store_dir
-    from cluster.train import train as run_training
+    from cluster.train import train_from_options
 
     try:
-        cfg = load_train_config(config, kind=kind)
-        summary = run_training(
-            cfg, out or local_store_dir() / "runs" / cfg.kind, fresh=fresh, console=err_console
+        cfg, summary = train_from_options(
+            config,
+            kind=kind,
+            out=out,
+            fresh=fresh,
+            iterations=iterations,
+            env_runners=env_runners,
+            promote=promote,
+            console=err_console,
         )
     except PipemedicError as exc:
         fail(exc)

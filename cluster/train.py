@@ -574,6 +574,34 @@ def plot_learning_curves(metrics_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def train_from_options(
+    config: Path,
+    *,
+    kind: str | None = None,
+    out: Path | None = None,
+    fresh: bool = False,
+    iterations: int | None = None,
+    env_runners: int | None = None,
+    promote: bool = True,
+    console: Console | None = None,
+) -> tuple[TrainConfig, dict]:
+    """What both train commands do with their options: load and override the config, train.
+
+    ``python -m cluster.train`` and ``pipemedic train`` take the same options and differ only
+    in what they print at the end; returns the config trained with and training's summary.
+    """
+    cfg = load_train_config(config, kind=kind)
+    if env_runners is not None:
+        cfg = cfg.model_copy(
+            update={"ppo": cfg.ppo.model_copy(update={"env_runners": env_runners})}
+        )
+    run_dir = out or local_store_dir() / "runs" / cfg.kind
+    summary = train(
+        cfg, run_dir, fresh=fresh, promote=promote, console=console, max_iterations=iterations
+    )
+    return cfg, summary
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -598,14 +626,15 @@ def main(
     logging.basicConfig(level=logging.WARNING)
     console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files
     try:
-        cfg = load_train_config(config, kind=kind)
-        if env_runners is not None:
-            cfg = cfg.model_copy(
-                update={"ppo": cfg.ppo.model_copy(update={"env_runners": env_runners})}
-            )
-        run_dir = out or local_store_dir() / "runs" / cfg.kind
-        summary = train(
-            cfg, run_dir, fresh=fresh, promote=promote, console=console, max_iterations=iterations
+        _, summary = train_from_options(
+            config,
+            kind=kind,
+            out=out,
+            fresh=fresh,
+            iterations=iterations,
+            env_runners=env_runners,
+            promote=promote,
+            console=console,
         )
     except PipemedicError as exc:
         console.print(f"[red]error:[/red] {exc}")

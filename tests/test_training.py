@@ -622,3 +622,19 @@ def test_bench_imitation_prints_the_students_figures_per_fault(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "lists no held_out scenarios" in result.output
+
+
+def test_both_train_commands_take_the_same_options():
+    """`pipemedic train` and `python -m cluster.train` are one command under two names."""
+    import typer.main
+
+    from cluster.cli import app as pipemedic
+    from cluster.train import app as module_app
+
+    def options(command) -> dict[str, tuple]:
+        return {p.name: (tuple(p.opts), tuple(p.secondary_opts)) for p in command.params}
+
+    train_cmd = typer.main.get_command(pipemedic).commands["train"]
+    module_cmd = typer.main.get_command(module_app)
+    assert options(train_cmd) == options(module_cmd)
+    assert {"iterations", "env_runners", "promote"} <= set(options(train_cmd))
