@@ -1,4 +1,5 @@
-"""The baselines every learned policy is compared with: ``oncall``, ``runbook`` and ``oracle``.
+"""The baselines every learned policy is compared with: ``oncall``, ``runbook`` and ``oracle``
+(with ``oracle_shown``, the oracle limited to what telemetry can show).
 
 ``runbook`` was written before any learned policy existed, as a seasoned SRE would write it from
 the telemetry a pipeline exposes, and must not be weakened later. It reads only observed
@@ -69,6 +70,8 @@ class OraclePolicy:
 
     name = "oracle"
     needs_ground_truth = True
+    #: Read ``ground_truth(shown_only=True)``: see ``OracleShownPolicy``.
+    ground_truth_shown_only = False
 
     def reset(self, ctx: EpisodeContext) -> None:
         self.ctx = ctx
@@ -96,6 +99,21 @@ class OraclePolicy:
             self.cure_on_model[ftype], self.model_index, truth.stages[rows, first[rows]]
         )
         return actions, targets
+
+
+class OracleShownPolicy(OraclePolicy):
+    """The oracle, told of a fault only once telemetry could show it: the fairer bound.
+
+    ``oracle`` restarts a leaking stage at the leak's onset, while the stage's memory is still
+    inside the healthy noise, which no policy that reads telemetry can do. This one reads
+    ``PipelineSim.ground_truth(shown_only=True)`` (the view the warm start's waiting teacher
+    labels from), so it acts on a leak once its stage's memory is out of the noise and on every
+    other fault at onset, as ``oracle`` does. It bounds what a telemetry-only policy can reach
+    more tightly than ``oracle``; the project's 1.3× goal is still stated against ``oracle``.
+    """
+
+    name = "oracle_shown"
+    ground_truth_shown_only = True
 
 
 class OracleCapacityPolicy(OraclePolicy):
@@ -436,4 +454,5 @@ def _fill_missing(values: np.ndarray, last: np.ndarray | None) -> np.ndarray:
 register_policy("oncall", OncallPolicy)
 register_policy("runbook", RunbookPolicy)
 register_policy("oracle", OraclePolicy)
+register_policy("oracle_shown", OracleShownPolicy)
 register_policy("oracle_capacity", OracleCapacityPolicy)

@@ -33,7 +33,9 @@ class Policy(Protocol):
     """The interface every policy implements."""
 
     name: str
-    #: True only for the oracle: it is handed the simulator's ground truth each step.
+    #: True only for the oracles: they are handed the simulator's ground truth each step.
+    #: An oracle may also set ``ground_truth_shown_only = True`` to be handed only the faults
+    #: telemetry can show (``PipelineSim.ground_truth(shown_only=True)``); absent means False.
     needs_ground_truth: bool
 
     def reset(self, ctx: EpisodeContext) -> None:

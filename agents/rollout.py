@@ -37,7 +37,10 @@ def rollout(
     telemetry = sim.reset(seeds)
     policy.reset(EpisodeContext(n=len(seeds), topology=scenario.topology, params=sim.params))
     while not sim.done:
-        truth = sim.ground_truth() if policy.needs_ground_truth else None
+        truth = None
+        if policy.needs_ground_truth:
+            shown_only = getattr(policy, "ground_truth_shown_only", False)
+            truth = sim.ground_truth(shown_only=shown_only)
         actions, targets = policy.act(telemetry, truth)
         telemetry = sim.step(actions, targets)
     return sim.episode_metrics()

@@ -109,3 +109,21 @@ def test_oracle_capacity_cures_first_like_the_oracle():
     teacher = aggregate(rollout(make_policy("oracle_capacity"), scenario, seeds))
     assert teacher["mttr_s"] == oracle["mttr_s"]
     assert teacher["unresolved_pct"] == 0.0
+
+
+def test_oracle_shown_waits_for_a_leak_to_show_and_is_the_oracle_elsewhere():
+    """``oracle_shown`` is told of a memory leak only once memory is out of the noise, so it
+    acts later than ``oracle`` but sooner than the runbook (which waits for 85%); on faults
+    telemetry shows at once it is the oracle, episode for episode."""
+    leak = load_scenario(LIBRARY / "memory-leak.yaml")
+    seeds = episode_seeds(leak, 0, 4)
+    ttfca = {
+        p: aggregate(rollout(make_policy(p), leak, seeds))["ttfca_s"]
+        for p in ("oracle", "oracle_shown", "runbook")
+    }
+    assert ttfca["oracle"] < ttfca["oracle_shown"] < ttfca["runbook"], ttfca
+    nulls = load_scenario(LIBRARY / "null-spike.yaml")
+    seeds = episode_seeds(nulls, 0, 4)
+    assert rollout(make_policy("oracle_shown"), nulls, seeds) == rollout(
+        make_policy("oracle"), nulls, seeds
+    )
