@@ -3,7 +3,7 @@
     pipemedic train --config configs/train.yaml          (same as python -m cluster.train)
     pipemedic evaluate --policy hierarchical,flat,runbook,oncall,oracle --held-out --out reports/eval
     pipemedic scenarios check configs/scenarios
-    pipemedic bench sim | train | store
+    pipemedic bench sim | train | store | imitation | leak
     pipemedic checkpoints list | show | promote | rollback | promoted
     pipemedic experience record | stats | compact | vacuum
     pipemedic cluster render | apply | status | delete   (KubeRay)
@@ -568,6 +568,59 @@ def bench_imitation_cmd(
     report = {"policies": {"student": r}}
     print_report(report, per_scenario=True)
     print_per_fault(report)
+
+
+@bench_app.command("leak")
+def bench_leak_cmd(
+    policy: Annotated[
+        str, typer.Option(help="Comma-separated learned kinds (promoted versions).")
+    ] = "hierarchical,flat",
+    scenario: Annotated[
+        Path, typer.Option(help="A scenario with one memory leak and nothing else.")
+    ] = Path("configs/scenarios/memory-leak.yaml"),
+    episodes: Annotated[int, typer.Option(min=1)] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    sim_config: Annotated[Path, typer.Option(help="Simulator parameters YAML.")] = Path(
+        "configs/simulator.yaml"
+    ),
+) -> None:
+    """How ready each learned policy is to restart a leaking stage, by its true memory, on
+    the same observe-only episodes (cluster/leak_probe.py)."""
+    from agents.inference import LearnedPolicy
+    from cluster.leak_probe import leak_readiness
+    from envs.params import load_sim_params
+    from envs.scenario import load_scenario
+
+    try:
+        policies = [LearnedPolicy.from_store(k.strip()) for k in policy.split(",") if k.strip()]
+        bins = leak_readiness(
+            policies,
+            load_scenario(scenario),
+            episodes=episodes,
+            seed=seed,
+            params=load_sim_params(sim_config),
+        )
+    except PipemedicError as exc:
+        fail(exc)
+    table = Table(
+        title=f"Readiness to cure a lone memory leak ({scenario}, {episodes} observe-only "
+        "episodes): P(act) / P(cure) / greedy cures",
+        title_justify="left",
+    )
+    table.add_column("true memory")
+    table.add_column("steps", justify="right")
+    for p in policies:
+        table.add_column(p.version, justify="right")
+    for b in bins:
+        if not b.steps:
+            continue
+        cells = [" / ".join(f"{x:.2f}" for x in b.mean(p.name)) for p in policies]
+        table.add_row(f"{b.low:.0%}-{min(b.high, 1.0):.0%}", f"{b.steps:,}", *cells)
+    console.print(table)
+    console.print(
+        "Telemetry shows a leak from about 61% true memory. P(cure): the probability that the "
+        "policy, sampled, restarts the leaking stage (hierarchical: master x infra specialist)."
+    )
 
 
 @bench_app.command("train")
