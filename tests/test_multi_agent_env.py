@@ -13,6 +13,7 @@ from envs.observation import (
     LAYOUTS,
     MODEL_SLOT,
     N_SLOTS,
+    OBS_BOUND,
     ObservationEncoder,
     observation_size,
 )
@@ -207,3 +208,22 @@ def test_random_training_scenarios_get_traffic_bursts_only_when_asked():
     assert all(0 <= t < 180 for t in starts)
     # Drawn per pipeline, not once per episode.
     assert pipelines_differ
+
+
+def test_readings_near_the_float_limit_give_finite_features():
+    """The serving fuzzer found it: a throughput near the float limit over a usual inflow
+    below 1 overflowed to inf, so the departure from usual was inf or NaN, which the decision's
+    explanation wrote as null where its schema promises a number."""
+    from envs.telemetry import PIPELINE_METRICS, STAGE_INDEX, STAGE_METRICS, Telemetry
+
+    enc = ObservationEncoder(STAGES, SimParams(), n=1)
+    stage = np.full((1, len(STAGES), len(STAGE_METRICS)), 0.01)
+    stage[0, :, STAGE_INDEX["throughput_in_rps"]] = 0.0075
+    stage[0, 3, STAGE_INDEX["throughput_in_rps"]] = 1.7976931348623155e308
+    stage[0, 3, STAGE_INDEX["queue"]] = 1.2e308
+    pipe = np.full((1, len(PIPELINE_METRICS)), 0.01)
+    for _ in range(3):
+        enc.update(Telemetry(STAGES, stage, pipe, step=0))
+        assert np.isfinite(enc.features).all()
+    load = list(STAGES).index("load")
+    assert enc.block("current")[0][0, load, STAGE_INDEX["throughput_in_rps"]] == OBS_BOUND
