@@ -208,14 +208,13 @@ class ObservationEncoder:
         if self._usual_inflow is None:
             self._usual_inflow = np.maximum(inflow, 1.0)
         else:
-            self._usual_inflow += BASELINE_RATE * (inflow - self._usual_inflow)
-        # Made finite before the averages see it: a reading near the float limit (valid JSON)
-        # over a usual inflow below 1 overflows to inf, and the departure from usual becomes inf
-        # or NaN (inf - inf). The simulator's telemetry never overflows, so only such readings
-        # change (to OBS_BOUND, where the observation clips them anyway).
-        current = np.nan_to_num(
-            self._squash(stage, pipe), nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND
-        )
+            # Floored at 1 rps like the first reading: a usual inflow that decays towards 0
+            # makes every rate over it huge, and a reading near the float limit over one below
+            # 1 overflowed to inf (so the departure from usual came out inf or NaN).
+            self._usual_inflow = np.maximum(
+                self._usual_inflow + BASELINE_RATE * (inflow - self._usual_inflow), 1.0
+            )
+        current = self._squash(stage, pipe)
         if self._usual is None:
             self._usual = current.copy()
             self._recent = current.copy()
