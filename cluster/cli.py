@@ -586,13 +586,18 @@ def bench_leak_cmd(
 ) -> None:
     """How ready each learned policy is to restart a leaking stage, by its true memory, on
     the same observe-only episodes (cluster/leak_probe.py)."""
-    from agents.inference import LearnedPolicy
+    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
     from cluster.leak_probe import leak_readiness
     from envs.params import load_sim_params
     from envs.scenario import load_scenario
 
+    kinds = [k.strip() for k in policy.split(",") if k.strip()]
+    if not kinds or not set(kinds) <= set(AGENTS_OF_KIND):
+        fail(
+            PipemedicError(f"--policy takes learned kinds {sorted(AGENTS_OF_KIND)}, got {policy!r}")
+        )
     try:
-        policies = [LearnedPolicy.from_store(k.strip()) for k in policy.split(",") if k.strip()]
+        policies = [LearnedPolicy.from_store(k) for k in kinds]
         bins = leak_readiness(
             policies,
             load_scenario(scenario),

@@ -57,16 +57,15 @@ class BinFigures:
         return float(p_act), float(p_cure), float(greedy)
 
 
-def _leak_of(scenario: Scenario) -> int:
-    """Index of the scenario's one memory leak among its faults, or a clear error."""
-    leaks = [i for i, f in enumerate(scenario.faults) if f.type == "memory_leak"]
-    if len(leaks) != 1 or len(scenario.faults) != 1 or scenario.random_faults is not None:
+def _check_lone_leak(scenario: Scenario) -> None:
+    """A clear error unless the scenario's one fault is a memory leak."""
+    faults = [f.type for f in scenario.faults]
+    if faults != ["memory_leak"] or scenario.random_faults is not None:
         raise PipemedicError(
             f"scenario {scenario.name!r}: the leak probe needs exactly one scheduled fault, a "
-            f"memory_leak, and no random faults; it has {[f.type for f in scenario.faults]}"
+            f"memory_leak, and no random faults; it has {faults}"
             + (" and random faults" if scenario.random_faults is not None else "")
         )
-    return leaks[0]
 
 
 def _figures(policy: LearnedPolicy, stage: np.ndarray) -> np.ndarray:
@@ -101,7 +100,7 @@ def leak_readiness(
 ) -> list[BinFigures]:
     """The figures of the module docstring per memory bin, for every policy on the same
     observe-only episodes of ``scenario`` (one memory leak, nothing else)."""
-    fault = _leak_of(scenario)
+    _check_lone_leak(scenario)
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         raise PipemedicError(f"the leak probe takes each kind once, got {names}")
@@ -118,10 +117,10 @@ def leak_readiness(
     rows = np.arange(len(seeds))
     while not sim.done:
         truth = sim.ground_truth()
-        stage = truth.stages[:, fault]
+        stage = truth.stages[:, 0]
         memory = sim.mem[rows, stage]
         which = np.searchsorted(bins, memory, side="right") - 1
-        counted = truth.active[:, fault] & (which >= 0) & (which < len(out))
+        counted = truth.active[:, 0] & (which >= 0) & (which < len(out))
         figures = {}
         for p in policies:
             p.encoder.update(telemetry)

@@ -48,11 +48,23 @@ def test_a_policy_that_always_restarts_the_leaking_stage_cures_in_every_bin():
             assert greedy == 1.0
 
 
-def test_the_hierarchy_cures_only_as_often_as_its_master_asks_and_steps_are_counted_once():
-    bins = leak_readiness([_policy("hierarchical"), _policy("flat")], LEAK, episodes=3)
-    for b in (b for b in bins if b.steps):
-        p_act, p_cure, greedy = b.mean("hierarchical")
-        assert 0 <= p_cure <= p_act <= 1 and 0 <= greedy <= 1
+def test_the_hierarchy_cures_only_when_master_and_specialist_both_choose_it():
+    restart_load = LAYOUTS["infra"].encode("restart_stage", STAGES.index("load"))
+    master_waits = {"master": MASTER_ACTIONS.index("observe"), "infra": restart_load}
+    infra_waits = {
+        "master": MASTER_ACTIONS.index("delegate_infra"),
+        "infra": LAYOUTS["infra"].encode("observe"),
+    }
+    bins = leak_readiness(
+        [_policy("hierarchical", master_waits), _policy("flat")], LEAK, episodes=3
+    )
+    declined = leak_readiness([_policy("hierarchical", infra_waits)], LEAK, episodes=3)
+    for b, d in zip(bins, declined, strict=True):
+        if b.steps:
+            # A specialist sure of the cure is not asked: no cure, whatever it would say.
+            assert b.mean("hierarchical") == pytest.approx((0, 0, 0), abs=1e-6)
+            # Asked every time, a specialist that declines: the master acts, nothing is cured.
+            assert d.mean("hierarchical") == pytest.approx((1, 0, 0), abs=1e-6)
     # The same observe-only episodes counted directly: active-leak steps with true memory in
     # the bins' range.
     sim = PipelineSim(LEAK, n=3)
@@ -73,3 +85,14 @@ def test_a_scenario_with_more_than_the_leak_is_refused_by_name():
     mixed = load_scenario(ROOT / "configs/scenarios/leak-duplicates-timeouts.yaml")
     with pytest.raises(PipemedicError, match="leak-duplicates-timeouts"):
         leak_readiness([_policy("flat")], mixed, episodes=1)
+
+
+def test_bench_leak_refuses_a_baseline_by_name():
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "leak", "--policy", "hierarchical,runbook"])
+    assert result.exit_code == 2
+    assert "learned kinds" in result.output and "runbook" in result.output
+    assert "Traceback" not in result.output
