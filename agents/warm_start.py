@@ -110,6 +110,12 @@ class WarmStartConfig(BaseModel):
         description="the teacher acts on a fault only once telemetry can show it "
         "(PipelineSim.ground_truth(shown_only=True)): no labels a student cannot learn",
     )
+    specialists_wait: bool = Field(
+        True,
+        description="with teacher_waits, the specialists' labels also leave out the faults "
+        "telemetry does not show yet; false: a specialist asked is taught the cure of every "
+        "active fault of its domain, so the master alone decides when to act (README)",
+    )
     specialist_observe_keep: float = Field(
         0.1,
         gt=0,
@@ -208,6 +214,7 @@ def collect(
     observe_keep: float = 0.1,
     teacher: str = "oracle",
     teacher_waits: bool = False,
+    specialists_wait: bool = True,
 ) -> tuple[dict[str, _Samples], int]:
     """Run episodes in the training environment; return labelled samples and the number of
     simulated pipeline steps used.
@@ -216,7 +223,9 @@ def collect(
     acts; its rewards are recorded for the value fit. Specialists are labelled on every step,
     asked or not, with their domain's cure (``_domain_labels``); as most steps are quiet, only
     ``observe_keep`` of their ``observe`` labels are kept. With ``teacher_waits`` the teacher
-    (labels and acting alike) sees only the faults that telemetry shows already.
+    (labels and acting alike) sees only the faults that telemetry shows already; with
+    ``specialists_wait`` false that holds for the acting role only, and the specialists' labels
+    come from every active fault.
     """
     env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
     rng = np.random.default_rng(seed)
@@ -238,9 +247,13 @@ def collect(
                 teach_action, teach_stage = oracle.act(env.telemetry, truth)
                 teach_slot = env.encoder.slots[teach_stage]
                 follow_teacher = rng.random(env.k) < teacher_share
-                domain = (
-                    _domain_labels(env, teach_action, teach_slot, truth) if top == MASTER else {}
-                )
+                if top == MASTER:
+                    domain_truth = (
+                        truth if specialists_wait or not teacher_waits else env.sim.ground_truth()
+                    )
+                    domain = _domain_labels(env, teach_action, teach_slot, domain_truth)
+                else:
+                    domain = {}
                 for d, (action, slot) in domain.items():
                     _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
                 labels = _teacher_labels(env, teach_action, teach_slot, top)
@@ -418,6 +431,7 @@ def warm_start(
             observe_keep=cfg.specialist_observe_keep,
             teacher=cfg.teacher,
             teacher_waits=cfg.teacher_waits,
+            specialists_wait=cfg.specialists_wait,
         )
         total += used
         for role, s in data.items():  # DAgger: train on everything collected so far

@@ -19,7 +19,7 @@ from agents.warm_start import (
 )
 from envs.catalogue import ACTION_ID, DOMAINS, STAGES, best_cure
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv
-from envs.observation import LAYOUTS
+from envs.observation import LAYOUTS, N_SLOTS
 from envs.scenario import Scenario
 from tests.conftest import single_fault_scenario
 
@@ -97,6 +97,31 @@ def test_a_waiting_teacher_delegates_a_leak_only_once_memory_shows_it():
     # from 50% to 61% first (1.6 points a step at severity 0.8).
     assert first_delegation(False) == 1
     assert first_delegation(True) == 1 + 6
+
+
+def test_specialists_that_do_not_wait_learn_the_leak_from_its_onset():
+    cfg = EnvConfig(scenarios=(LEAK_AT_TRANSFORM,), random={"share": 0.0}, pipelines=2)
+    restarts = {LAYOUTS["infra"].encode("restart_stage", s) for s in range(N_SLOTS)}
+
+    def first_restart_label(specialists_wait: bool) -> int:
+        data, _ = collect(
+            cfg,
+            None,
+            steps=40,
+            teacher_share=1.0,
+            pipelines=2,
+            seed=0,
+            observe_keep=1.0,  # every step keeps its sample, so index // 2 is the step
+            teacher_waits=True,
+            specialists_wait=specialists_wait,
+        )
+        labels = np.array(data["infra"].label)
+        return int(np.flatnonzero(np.isin(labels, list(restarts)))[0]) // 2
+
+    # The master waits for memory to show the leak either way (previous test); a specialist
+    # that does not wait is taught the cure from the leak's first step.
+    assert first_restart_label(True) == 1 + 6
+    assert first_restart_label(False) == 1
 
 
 def test_fit_learns_the_labels():
