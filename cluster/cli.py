@@ -76,6 +76,13 @@ def evaluate(
     train_config: Annotated[
         Path, typer.Option(help="Training config naming the held-out set.")
     ] = Path("configs/train.yaml"),
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A:B (repeatable): A minus B with a 95% interval over the paired episodes. "
+            "Default: hierarchical against flat and runbook, where they are evaluated."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate policies on scenarios (Ray tasks in parallel) and write a report.
 
@@ -83,6 +90,7 @@ def evaluate(
     first)."""
     try:
         run_evaluation(
+            compare=None if compare is None else [_pair(c) for c in compare],
             policies=[p.strip() for p in policy.split(",") if p.strip()],
             scenarios_path=_held_out_files(train_config) if held_out else scenarios,
             episodes=episodes,
@@ -94,6 +102,20 @@ def evaluate(
         )
     except PipemedicError as exc:
         fail(exc)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not sep or not a.strip() or not b.strip():
+        raise PipemedicError(f"--compare {text!r}: expected A:B, two policy names")
+    return a.strip(), b.strip()
+
+
+def default_pairs(policies: list[str]) -> list[tuple[str, str]]:
+    """``hierarchical`` against ``flat`` and ``runbook``, those of them that are evaluated."""
+    if "hierarchical" not in policies:
+        return []
+    return [("hierarchical", b) for b in ("flat", "runbook") if b in policies]
 
 
 def _held_out_files(train_config: Path) -> list[Path]:
@@ -112,6 +134,7 @@ def run_evaluation(
     sim_config: Path | None,
     per_scenario: bool,
     per_fault: bool = False,
+    compare: list[tuple[str, str]] | None = None,
 ) -> dict:
     from agents.policy import make_policy
     from cluster.evaluate import evaluate as run
@@ -124,6 +147,12 @@ def run_evaluation(
         raise PipemedicError("--policy names no policy")
     for name in policies:
         make_policy(name)
+    compare = default_pairs(policies) if compare is None else compare
+    for a, b in compare:
+        if a == b or a not in policies or b not in policies:
+            raise PipemedicError(
+                f"--compare {a}:{b} must name two different policies of --policy ({','.join(policies)})"
+            )
     if isinstance(scenarios_path, list):
         scenario_list = [load_scenario(p) for p in scenarios_path]
     else:
@@ -151,6 +180,7 @@ def run_evaluation(
             episodes=episodes,
             seed=seed,
             params=params,
+            compare=compare,
             on_progress=lambda done, total: progress.update(task, completed=done),
         )
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -158,9 +188,36 @@ def run_evaluation(
     print_report(report, per_scenario=per_scenario)
     if per_fault:
         print_per_fault(report)
+    if report.get("paired"):
+        print_paired(report)
     console.print(f"Ranking by MTTR (best first): {' < '.join(report['ranking_by_mttr'])}")
     console.print(f"Wrote {json_path} and {png_path} in {report['wall_time_s']} s")
     return report
+
+
+def print_paired(report: dict) -> None:
+    """One row per compared pair: A minus B with its 95% interval, per metric."""
+    table = Table(
+        title="Paired differences (A minus B, same episodes; 95% bootstrap interval)",
+        title_justify="left",
+    )
+    table.add_column("A vs B")
+    formats = {
+        "mttr_s": ("MTTR s", "{:+.1f}", 1.0),
+        "slo_adherence": ("SLO adherence, points", "{:+.2f}", 100.0),
+        "records_lost": ("records lost / episode", "{:+,.0f}", 1.0),
+        "cost": ("cost / episode", "{:+.1f}", 1.0),
+    }
+    for title, _, _ in formats.values():
+        table.add_column(title, justify="right")
+    for pair, figures in report["paired"].items():
+        cells = []
+        for metric, (_, fmt, scale) in formats.items():
+            f = figures[metric]
+            low, high = (fmt.format(scale * f[k]) for k in ("ci95_low", "ci95_high"))
+            cells.append(f"{fmt.format(scale * f['difference'])} [{low}, {high}]")
+        table.add_row(pair, *cells)
+    console.print(table)
 
 
 def print_per_fault(report: dict) -> None:

@@ -23,7 +23,7 @@ import ray
 
 from agents.policy import make_policy
 from agents.rollout import episode_seeds, rollout
-from envs.metrics import EpisodeMetrics, summarise
+from envs.metrics import EpisodeMetrics, paired_difference, summarise
 from envs.params import SimParams
 from envs.scenario import Scenario
 
@@ -46,17 +46,25 @@ def evaluate(
     episodes: int,
     seed: int,
     params: SimParams | None = None,
+    compare: Sequence[tuple[str, str]] = (),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run every policy on every scenario; return the report as a dict (see DESIGN.md).
 
     Ray must be initialised (``cluster.ray_runtime.ensure_ray``). ``on_progress(done, total)``
-    is called as tasks finish.
+    is called as tasks finish. For each pair ``(a, b)`` of ``compare`` the report's ``paired``
+    holds ``a`` minus ``b`` with a 95% interval over the paired episodes
+    (``envs.metrics.paired_difference``), under the key ``"a vs b"``.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     for name in policies:
         make_policy(name)  # fail fast on an unknown name, before any task starts
+    for pair in compare:
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(policies):
+            raise ValueError(
+                f"compare: {pair} must name two different policies of {list(policies)}"
+            )
     params = params or SimParams()
     params_ref = ray.put(params)
     pending = {
@@ -85,6 +93,15 @@ def evaluate(
     report["ranking_by_mttr"] = sorted(
         policies, key=lambda p: report["policies"][p]["overall"]["mttr_s"]
     )
+    if compare:
+        report["paired"] = {
+            f"{a} vs {b}": paired_difference(
+                {s.name: results[(a, s.name)] for s in scenarios},
+                {s.name: results[(b, s.name)] for s in scenarios},
+                seed=seed,
+            )
+            for a, b in compare
+        }
     return report
 
 

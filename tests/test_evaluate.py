@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -52,6 +53,19 @@ def test_report_has_the_design_shape_and_ranks_the_baselines(ray_session, tmp_pa
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_pairs_policies_on_the_same_episodes(ray_session):
+    scenarios = [load_scenario(LIBRARY / "memory-leak.yaml")]
+    report = evaluate(
+        ["runbook", "oracle"], scenarios, episodes=3, seed=0, compare=[("oracle", "runbook")]
+    )
+    paired = report["paired"]["oracle vs runbook"]["mttr_s"]
+    policies = report["policies"]
+    gap = policies["oracle"]["overall"]["mttr_s"] - policies["runbook"]["overall"]["mttr_s"]
+    assert paired["difference"] == pytest.approx(gap)
+    # The oracle restarts a leak at onset, the runbook only once memory crosses its alarm.
+    assert paired["ci95_high"] < 0
+
+
 def test_evaluation_is_reproducible(ray_session):
     scenarios = [load_scenario(LIBRARY / "random-mix.yaml")]
     a = evaluate(["runbook"], scenarios, episodes=2, seed=3)
@@ -73,9 +87,12 @@ def test_cli_evaluate_writes_report_for_a_single_scenario_file(ray_session, tmp_
             "--out",
             str(tmp_path),
             "--per-fault",
+            "--compare",
+            "oracle:oncall",
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "Paired differences" in result.output and "oracle vs oncall" in result.output
     assert "Ranking by MTTR (best first): oracle < oncall" in result.output
     assert "Per fault type" in result.output
     late = json.loads((tmp_path / "report.json").read_text())["policies"]["oracle"]["per_fault"]
@@ -104,3 +121,21 @@ def test_cli_unknown_policy_is_rejected_before_any_work(tmp_path):
     )
     assert result.exit_code == 2
     assert "unknown policy 'magic'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("compare", "message"),
+    [
+        ("oracle", "--compare 'oracle': expected A:B"),
+        ("oracle:flat", "--compare oracle:flat must name two different policies of --policy"),
+    ],
+)
+def test_cli_bad_compare_is_one_clear_line_and_exit_2(tmp_path, compare, message):
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--policy", "runbook,oracle", "--compare", compare, "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "report.json").exists()
