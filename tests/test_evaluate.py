@@ -139,3 +139,14 @@ def test_cli_bad_compare_is_one_clear_line_and_exit_2(tmp_path, compare, message
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "report.json").exists()
+
+
+def test_hierarchical_is_compared_with_flat_and_runbook_by_default():
+    from cluster.cli import default_pairs
+
+    assert default_pairs(["runbook", "hierarchical", "flat", "oracle"]) == [
+        ("hierarchical", "flat"),
+        ("hierarchical", "runbook"),
+    ]
+    assert default_pairs(["hierarchical", "oracle"]) == []
+    assert default_pairs(["flat", "runbook"]) == []
