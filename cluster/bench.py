@@ -120,7 +120,7 @@ def bench_imitation(
     from agents.ppo_config import load_train_config
     from agents.warm_start import WarmStartConfig
     from cluster.cli_output import console
-    from cluster.train import evaluate_bundle, imitate, initial_nets, validation_score
+    from cluster.train import evaluate_bundle, imitate, initial_nets, review_seed, validation_score
     from envs.config_files import validated
 
     cfg = load_train_config(config, kind=kind)
@@ -146,5 +146,6 @@ def bench_imitation(
         "pipeline_steps": steps,
         "validation_score": score,
         "eval_episodes": episodes,
+        "eval_seed": review_seed(cfg),
         **held_out,
     }

@@ -621,7 +621,10 @@ def bench_imitation_cmd(
     if not r["per_scenario"]:
         console.print(f"{config} lists no held_out scenarios: no held-out figures")
         return
-    console.print(f"Held-out, {r['eval_episodes']} episodes per scenario")
+    console.print(
+        f"Held-out, {r['eval_episodes']} episodes per scenario, episode seed {r['eval_seed']} "
+        f"(training's reviews; `pipemedic evaluate --seed {r['eval_seed']}` meets the same)"
+    )
     report = {"policies": {"student": r}}
     print_report(report, per_scenario=True)
     print_per_fault(report)

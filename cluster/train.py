@@ -98,16 +98,22 @@ def current_nets(algo, cfg: TrainConfig) -> dict[str, PolicyValueNet]:
     return nets
 
 
+def review_seed(cfg: TrainConfig) -> int:
+    """The episode seed of the held-out metrics training's reviews log: ``pipemedic evaluate
+    --seed`` with this value meets the same episodes; the README's figures use ``--seed 0``."""
+    return cfg.seed + 1000
+
+
 def evaluate_bundle(bundle: Path, cfg: TrainConfig, episodes: int | None = None) -> dict[str, Any]:
     """Held-out metrics of a bundle (with its own act threshold, if any), in this process:
     overall, per scenario and per fault type, over ``episodes`` per scenario (default
-    ``cfg.eval_episodes``)."""
+    ``cfg.eval_episodes``), on the episodes of ``review_seed(cfg)``."""
     params = load_sim_params(cfg.env.sim_config)
     policy = LearnedPolicy.load(bundle)  # rollout() resets it for every scenario
     by_scenario = {}
     for path in cfg.held_out:
         scenario = load_scenario(path)
-        seeds = episode_seeds(scenario, cfg.seed + 1000, episodes or cfg.eval_episodes)
+        seeds = episode_seeds(scenario, review_seed(cfg), episodes or cfg.eval_episodes)
         by_scenario[scenario.name] = rollout(policy, scenario, seeds, params=params)
     return summarise(by_scenario)
 

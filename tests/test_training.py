@@ -610,7 +610,7 @@ def test_bench_imitation_prints_the_students_figures_per_fault(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "warm start round 1/1:" in result.output  # progress while it imitates
-    assert "Held-out, 2 episodes per scenario" in result.output
+    assert "Held-out, 2 episodes per scenario, episode seed 1000" in result.output
     assert "Per fault type" in result.output
     for fault in ("downstream_outage", "corrupt_batch"):
         assert fault in result.output
