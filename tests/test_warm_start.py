@@ -76,52 +76,32 @@ def test_teacher_episodes_label_the_master_with_the_right_delegation():
     assert set(data["quality"].label) & dedupe
 
 
-def test_a_waiting_teacher_delegates_a_leak_only_once_memory_shows_it():
+def _first_step_labelled(role: str, labels: set[int], **options) -> int:
+    """The first step on which the teacher's episodes of a leak at ``transform`` (two
+    pipelines) label ``role`` with one of ``labels``. Every ``observe`` label is kept, so the
+    samples come step by step, pipeline by pipeline: index // 2 is the step."""
     cfg = EnvConfig(scenarios=(LEAK_AT_TRANSFORM,), random={"share": 0.0}, pipelines=2)
-    delegate_infra = LAYOUTS["master"].encode("delegate_infra")
+    data, _ = collect(
+        cfg, None, steps=40, teacher_share=1.0, pipelines=2, seed=0, observe_keep=1.0, **options
+    )
+    return int(np.flatnonzero(np.isin(data[role].label, list(labels)))[0]) // 2
 
-    def first_delegation(teacher_waits: bool) -> int:
-        data, _ = collect(
-            cfg,
-            None,
-            steps=40,
-            teacher_share=1.0,
-            pipelines=2,
-            seed=0,
-            teacher_waits=teacher_waits,
-        )
-        # Samples are appended step by step, pipeline by pipeline: index // 2 is the step.
-        return int(np.flatnonzero(np.array(data["master"].label) == delegate_infra)[0]) // 2
 
+def test_a_waiting_teacher_delegates_a_leak_only_once_memory_shows_it():
+    delegate_infra = {LAYOUTS["master"].encode("delegate_infra")}
     # The oracle delegates on the leak's first step; the waiting teacher lets memory climb
     # from 50% to 61% first (1.6 points a step at severity 0.8).
-    assert first_delegation(False) == 1
-    assert first_delegation(True) == 1 + 6
+    assert _first_step_labelled("master", delegate_infra, teacher_waits=False) == 1
+    assert _first_step_labelled("master", delegate_infra, teacher_waits=True) == 1 + 6
 
 
 def test_specialists_that_do_not_wait_learn_the_leak_from_its_onset():
-    cfg = EnvConfig(scenarios=(LEAK_AT_TRANSFORM,), random={"share": 0.0}, pipelines=2)
     restarts = {LAYOUTS["infra"].encode("restart_stage", s) for s in range(N_SLOTS)}
-
-    def first_restart_label(specialists_wait: bool) -> int:
-        data, _ = collect(
-            cfg,
-            None,
-            steps=40,
-            teacher_share=1.0,
-            pipelines=2,
-            seed=0,
-            observe_keep=1.0,  # every step keeps its sample, so index // 2 is the step
-            teacher_waits=True,
-            specialists_wait=specialists_wait,
-        )
-        labels = np.array(data["infra"].label)
-        return int(np.flatnonzero(np.isin(labels, list(restarts)))[0]) // 2
-
     # The master waits for memory to show the leak either way (previous test); a specialist
     # that does not wait is taught the cure from the leak's first step.
-    assert first_restart_label(True) == 1 + 6
-    assert first_restart_label(False) == 1
+    waiting = {"teacher_waits": True}
+    assert _first_step_labelled("infra", restarts, **waiting, specialists_wait=True) == 1 + 6
+    assert _first_step_labelled("infra", restarts, **waiting, specialists_wait=False) == 1
 
 
 def test_fit_learns_the_labels():
