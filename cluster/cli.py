@@ -137,8 +137,8 @@ def run_evaluation(
     compare: list[tuple[str, str]] | None = None,
 ) -> dict:
     from agents.policy import make_policy
+    from cluster.evaluate import check_pairs, write_report
     from cluster.evaluate import evaluate as run
-    from cluster.evaluate import write_report
     from cluster.ray_runtime import ensure_ray
     from envs.params import load_sim_params
     from envs.scenario import load_scenario, load_scenarios
@@ -148,11 +148,7 @@ def run_evaluation(
     for name in policies:
         make_policy(name)
     compare = default_pairs(policies) if compare is None else compare
-    for a, b in compare:
-        if a == b or a not in policies or b not in policies:
-            raise PipemedicError(
-                f"--compare {a}:{b} must name two different policies of --policy ({','.join(policies)})"
-            )
+    check_pairs(compare, policies)  # before Ray starts
     if isinstance(scenarios_path, list):
         scenario_list = [load_scenario(p) for p in scenarios_path]
     else:

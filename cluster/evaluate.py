@@ -23,11 +23,22 @@ import ray
 
 from agents.policy import make_policy
 from agents.rollout import episode_seeds, rollout
+from envs.errors import PipemedicError
 from envs.metrics import EpisodeMetrics, paired_difference, summarise
 from envs.params import SimParams
 from envs.scenario import Scenario
 
 log = logging.getLogger(__name__)
+
+
+def check_pairs(compare: Sequence[tuple[str, str]], policies: Sequence[str]) -> None:
+    """Each pair of ``compare`` names two different policies of ``policies``."""
+    for a, b in compare:
+        if a == b or a not in policies or b not in policies:
+            raise PipemedicError(
+                f"--compare {a}:{b} must name two different policies of --policy "
+                f"({','.join(policies)})"
+            )
 
 
 @ray.remote(num_cpus=1)
@@ -60,11 +71,7 @@ def evaluate(
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     for name in policies:
         make_policy(name)  # fail fast on an unknown name, before any task starts
-    for pair in compare:
-        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(policies):
-            raise ValueError(
-                f"compare: {pair} must name two different policies of {list(policies)}"
-            )
+    check_pairs(compare, policies)
     params = params or SimParams()
     params_ref = ray.put(params)
     pending = {
