@@ -141,16 +141,18 @@ def aggregate(episodes: Sequence[EpisodeMetrics]) -> dict[str, float]:
     """
     if not episodes:
         raise ValueError("aggregate needs at least one episode")
-    outcomes = [o for e in episodes for o in e.incidents]
-    n_eps = len(episodes)
-    incidents = incident_figures(outcomes)
+    incidents = incident_figures([o for e in episodes for o in e.incidents])
+    # The four figures paired_difference compares come from the same summed columns it
+    # resamples (_pooled), so the two cannot drift apart.
+    sums = _episode_sums(episodes).sum(axis=0)
+    pooled = {m: float(_pooled(sums, m, len(episodes))) for m in PAIRED_METRICS}
     return {
-        "mttr_s": incidents["mttr_s"],
+        "mttr_s": pooled["mttr_s"],
         "unresolved_pct": incidents["unresolved_pct"],
-        "slo_adherence": sum(e.slo_ok_steps for e in episodes) / sum(e.steps for e in episodes),
-        "records_lost": sum(e.records_lost for e in episodes) / n_eps,
-        "cost": sum(e.cost for e in episodes) / n_eps,
-        "escalations": sum(e.escalations for e in episodes) / n_eps,
+        "slo_adherence": pooled["slo_adherence"],
+        "records_lost": pooled["records_lost"],
+        "cost": pooled["cost"],
+        "escalations": sum(e.escalations for e in episodes) / len(episodes),
         "ttfca_s": incidents["ttfca_s"],
         "incidents": incidents["incidents"],
     }
