@@ -26,6 +26,17 @@ The act threshold
     Serving reports the chosen choice's probability as its confidence, and a delegation chosen
     by the threshold can be below 0.5, so with a threshold the service's ``escalate_below``
     guardrail escalates more often than validation (which has no guardrails) shows.
+
+Raised hands (``hand_raise``, hierarchical only)
+    The master gates every remediation: a specialist is asked only if the master delegates,
+    so a fault the specialist would cure goes unhandled while the master is unsure (the two
+    gates in series of the README). With ``hand_raise`` {domain: t}, on a step where the
+    master's choice is ``observe``, that domain's specialist is asked anyway, on its own view;
+    if its most probable remediation has probability above t, it acts (the domains in
+    ``DOMAINS`` order, the first sure one wins). The master's own choice is still what
+    ``Decision.chosen`` records for it; ``Decision.raised_hand`` marks these rows, and serving
+    takes the specialist's probability as the decision's confidence there. Training picks the
+    thresholds (or none) by validation score (``cluster.train``).
 """
 
 from __future__ import annotations
@@ -65,6 +76,12 @@ AGENTS_OF_KIND: dict[str, tuple[str, ...]] = {
 _VIEW = {"master": "master", "flat": "master", **{d: d for d in DOMAINS}}
 #: The top agent's choices that wait instead of acting (see the act threshold).
 WAITING = frozenset({"observe", "escalate"})
+_OBSERVE = MASTER_ACTIONS.index("observe")
+#: Per specialist, which entries of its layout are remediations (anything but ``observe``).
+REMEDIES: dict[str, np.ndarray] = {
+    d: np.array([LAYOUTS[d].decode(i)[0] != "observe" for i in range(LAYOUTS[d].size)])
+    for d in DOMAINS
+}
 #: Per top agent, which entries of its layout are acting choices.
 ACTING: dict[str, np.ndarray] = {
     agent: np.array(
@@ -231,6 +248,8 @@ class Decision:
     chosen: list[dict[str, tuple[int, float]]] = field(default_factory=list)
     # Per agent that decided: (rows, observations, action masks) it was given.
     inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Per pipeline: a specialist acted on its own while the master chose observe (hand_raise).
+    raised_hand: np.ndarray | None = None
 
 
 class NumpyPolicyHead:
@@ -268,9 +287,10 @@ class LearnedPolicy:
         *,
         sample: bool = False,
         act_threshold: float | None = None,
+        hand_raise: dict[str, float] | None = None,
     ):
-        """``act_threshold`` overrides the bundle's own (``manifest["act_threshold"]``; None:
-        greedy); see the module docstring."""
+        """``act_threshold`` and ``hand_raise`` override the bundle's own (its manifest's keys
+        of those names; absent: greedy, no raised hands); see the module docstring."""
         self.manifest = manifest
         self.name = manifest["kind"]
         self.nets = nets
@@ -283,6 +303,8 @@ class LearnedPolicy:
             raise CheckpointError(
                 f"act_threshold must lie strictly between 0 and 1, got {self.act_threshold}"
             )
+        self.hand_raise = hand_raise if hand_raise is not None else manifest.get("hand_raise")
+        check_hand_raise(self.hand_raise, self.name)
         self._rng = np.random.default_rng(0)
 
     @classmethod
@@ -364,7 +386,8 @@ class LearnedPolicy:
             master_probs, obs, mask = self._probs("master", enc, everyone)
             inputs["master"] = (everyone, obs, mask)
             choice = self._choose_top("master", master_probs)
-            probs_by_agent["master"] = (everyone, master_probs, choice)
+            probs_by_agent["master"] = (everyone, master_probs, choice.copy())
+            raised = self._raised_hands(enc, choice)
             for i, c in enumerate(choice):
                 if not MASTER_ACTIONS[c].startswith("delegate_"):
                     action[i] = ACTION_ID[MASTER_ACTIONS[c]]
@@ -401,7 +424,43 @@ class LearnedPolicy:
             action_probs=action_probs,
             chosen=chosen,
             inputs=inputs,
+            raised_hand=raised if self.name != "flat" else None,
         )
+
+    def _raised_hands(self, enc: ObservationEncoder, choice: np.ndarray) -> np.ndarray:
+        """Turn the master's ``observe`` into a delegation where a ``hand_raise`` specialist
+        is sure enough (in place, on ``choice``); returns which rows were turned."""
+        raised = np.zeros(len(choice), dtype=bool)
+        if not self.hand_raise or self.sample:
+            return raised
+        for domain in DOMAINS:
+            if domain not in self.hand_raise:
+                continue
+            rows = np.flatnonzero(choice == _OBSERVE)
+            if len(rows) == 0:
+                break
+            probs, _, _ = self._probs(domain, enc, rows)
+            sure = np.where(REMEDIES[domain], probs, 0.0).max(axis=1) > self.hand_raise[domain]
+            choice[rows[sure]] = MASTER_ACTIONS.index(f"delegate_{domain}")
+            raised[rows[sure]] = True
+        return raised
+
+
+def check_hand_raise(hand_raise: dict[str, float] | None, kind: str) -> None:
+    """A clear error unless ``hand_raise`` maps specialists to thresholds in (0, 1)."""
+    if not hand_raise:
+        return
+    if kind != "hierarchical":
+        raise CheckpointError(f"hand_raise is for hierarchical policies only, not {kind!r}")
+    for domain, t in hand_raise.items():
+        if domain not in DOMAINS:
+            raise CheckpointError(
+                f"hand_raise: {domain!r} is not a specialist; expected one of {list(DOMAINS)}"
+            )
+        if not 0 < t < 1:
+            raise CheckpointError(
+                f"hand_raise: {domain}'s threshold must lie strictly between 0 and 1, got {t}"
+            )
 
 
 def _label(layout: ActionLayout, index: int) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agents.experience_logging import ExperienceLoggingConfig
 from agents.inference import AGENTS_OF_KIND
 from agents.warm_start import WarmStartConfig
+from envs.catalogue import DOMAINS
 from envs.config_files import load_model
 from envs.multi_agent_env import EnvConfig, RandomTraining, RewardWeights, module_of
 from envs.params import load_sim_params
@@ -78,6 +79,12 @@ class TrainConfig(_Strict):
         description="act thresholds tried, besides greedy, at every review; the validation "
         "score picks (agents.inference)",
     )
+    hand_raise_thresholds: dict[str, tuple[Annotated[float, Field(gt=0, lt=1)], ...]] = Field(
+        {},
+        description="per specialist, hand-raise thresholds tried at every review, each alone, "
+        "besides none (hierarchical only; flat ignores them); the validation score picks "
+        "(agents.inference)",
+    )
     warm_start: WarmStartConfig = WarmStartConfig()
     experience: ExperienceLoggingConfig = ExperienceLoggingConfig()
 
@@ -89,6 +96,15 @@ class TrainConfig(_Strict):
         if both:
             raise ValueError(
                 f"held_out scenarios must not be trained on; listed in both: {sorted(map(str, both))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _hand_raisers_are_specialists(self) -> TrainConfig:
+        unknown = sorted(set(self.hand_raise_thresholds) - set(DOMAINS))
+        if unknown:
+            raise ValueError(
+                f"hand_raise_thresholds: {unknown} are not specialists; expected some of {list(DOMAINS)}"
             )
         return self
 

@@ -6,6 +6,7 @@
     pipemedic checkpoints promote hierarchical 3 --reason "beat v2 on held-out"
     pipemedic checkpoints rollback hierarchical [--to 2]
     pipemedic checkpoints promoted hierarchical --at 2026-11-22T10:00:00
+    pipemedic checkpoints retune hierarchical --config configs/train.yaml --promote
 
     pipemedic experience record --policy oracle --steps 300000
     pipemedic experience stats
@@ -18,6 +19,7 @@ The store is ``PIPEMEDIC_STORE_URI`` (default ``./store``).
 from __future__ import annotations
 
 import json
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -181,6 +183,64 @@ def checkpoints_promoted(
         fail(exc)
     when = at.isoformat() if at else "now"
     console.print(f"{kind} at {when}: " + (f"v{version}" if version else "nothing promoted"))
+
+
+@checkpoints_app.command("retune")
+def checkpoints_retune(
+    kind: Annotated[str, typer.Argument(help="hierarchical or flat")],
+    config: Annotated[
+        Path, typer.Option(help="The training config: validation set and rules to try.")
+    ] = Path("configs/train.yaml"),
+    promote: Annotated[bool, typer.Option(help="Also promote the new version.")] = False,
+) -> None:
+    """Choose the promoted version's decision rule anew by validation score (greedy, or an
+    alternative the config lists: act_thresholds, hand_raise_thresholds), as training's reviews
+    do, and publish the same weights with the winning rule as a new version. For a policy
+    trained before a rule existed; no retraining."""
+    from agents.inference import export_bundle, nets_from_weights
+    from agents.ppo_config import load_train_config
+    from cluster.train import choose_decision_rule
+
+    rules = ("act_threshold", "hand_raise")
+    try:
+        cfg = load_train_config(config, kind=kind)
+        store = _store()
+        stored = store.load_promoted(kind)
+        manifest = {k: v for k, v in stored.manifest.items() if k not in rules}
+        nets = nets_from_weights(stored.manifest, stored.weights, where=stored.name)
+        console.print(f"{stored.name}: validation score of each decision rule (lower is better)")
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = export_bundle(Path(tmp) / "policy", kind, nets, manifest)
+            best = choose_decision_rule(
+                bundle, cfg, on_score=lambda r: console.print(f"  {r.score:8.3f}  {r.label}")
+            )
+        console.print(f"best: {best.label} ({best.score:.3f})")
+        if all(stored.manifest.get(k) == getattr(best, k) for k in rules):
+            console.print(f"{stored.name} already decides that way; nothing published")
+            return
+        version = store.publish(
+            kind,
+            stored.weights,
+            run_id=f"{stored.run_id} {stored.name} retuned: {best.label}",
+            iteration=stored.iteration,
+            pipeline_steps=stored.pipeline_steps,
+            manifest={
+                **manifest,
+                "act_threshold": best.act_threshold,
+                "hand_raise": best.hand_raise,
+                "retuned_from": stored.name,
+            },
+            eval_metrics={"validation_score": best.score},
+            config=stored.config,
+        )
+        if promote:
+            store.promote(kind, version, reason=f"{stored.name} retuned: {best.label}")
+    except PipemedicError as exc:
+        fail(exc)
+    console.print(
+        f"published {kind}:v{version} ({stored.name}'s weights, {best.label})"
+        + (" and promoted it" if promote else "")
+    )
 
 
 @experience_app.command("record")

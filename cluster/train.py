@@ -43,6 +43,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -228,16 +230,22 @@ def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     return [*mix.files, random]
 
 
-def validation_score(bundle: Path, cfg: TrainConfig, act_threshold: float | None = None) -> float:
+def validation_score(
+    bundle: Path,
+    cfg: TrainConfig,
+    act_threshold: float | None = None,
+    hand_raise: dict[str, float] | None = None,
+) -> float:
     """The training objective measured on the validation set with the greedy policy (or with
-    ``act_threshold``): the mean per-episode penalty (SLO-breach steps, incident-open steps,
-    records lost in steps' worth, cost) with the reward weights. Lower is better; it picks the
-    exported policy."""
+    ``act_threshold`` / ``hand_raise``): the mean per-episode penalty (SLO-breach steps,
+    incident-open steps, records lost in steps' worth, cost) with the reward weights. Lower is
+    better; it picks the exported policy."""
     params = load_sim_params(cfg.env.sim_config)
     w = cfg.env.rewards
     total, episodes = 0.0, 0
     policy = LearnedPolicy.load(bundle)
     policy.act_threshold = act_threshold  # None is greedy, whatever the bundle says
+    policy.hand_raise = hand_raise
     for scenario in validation_scenarios(cfg):
         seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
         for m in rollout(policy, scenario, seeds, params=params):
@@ -250,6 +258,45 @@ def validation_score(bundle: Path, cfg: TrainConfig, act_threshold: float | None
             )
             episodes += 1
     return total / episodes
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """How a bundle's networks are turned into decisions (agents.inference), with its score."""
+
+    score: float
+    act_threshold: float | None = None
+    hand_raise: dict[str, float] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.act_threshold is not None:
+            return f"act threshold {self.act_threshold}"
+        if self.hand_raise:
+            return ", ".join(f"{d} raises its hand above {t}" for d, t in self.hand_raise.items())
+        return "greedy"
+
+
+def choose_decision_rule(
+    bundle: Path, cfg: TrainConfig, on_score: Callable[[DecisionRule], None] | None = None
+) -> DecisionRule:
+    """Score the greedy rule and each alternative the config lists (``act_thresholds``, and
+    for hierarchical each of ``hand_raise_thresholds`` alone) on the validation set; the
+    lowest score wins, greedy on a tie. ``on_score`` sees every rule as it is scored."""
+    options: list[dict[str, Any]] = [{}]
+    options += [{"act_threshold": t} for t in cfg.act_thresholds]
+    if cfg.kind == "hierarchical":
+        options += [
+            {"hand_raise": {d: t}} for d, ts in cfg.hand_raise_thresholds.items() for t in ts
+        ]
+    best = None
+    for option in options:
+        rule = DecisionRule(validation_score(bundle, cfg, **option), **option)
+        if on_score:
+            on_score(rule)
+        if best is None or rule.score < best.score:
+            best = rule
+    return best
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -488,16 +535,14 @@ def _review(
     nets = current_nets(algo, cfg)
     info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
     export_bundle(candidate, cfg.kind, nets, info)
-    score, threshold = validation_score(candidate, cfg), None
-    for t in cfg.act_thresholds:  # the same choice for flat and hierarchical
-        s = validation_score(candidate, cfg, act_threshold=t)
-        if s < score:
-            score, threshold = s, t
-    if threshold is not None:
-        info["act_threshold"] = threshold
+    rule = choose_decision_rule(candidate, cfg)
+    score, threshold, hand = rule.score, rule.act_threshold, rule.hand_raise
+    if threshold is not None or hand is not None:
+        info.update(act_threshold=threshold, hand_raise=hand)
         export_bundle(candidate, cfg.kind, nets, info)
     record["validation_score"] = round(score, 3)
     record["act_threshold"] = threshold
+    record["hand_raise"] = hand
     state["reviewed_iteration"] = state["iteration"]
     if cfg.held_out:
         record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
@@ -508,7 +553,9 @@ def _review(
         iteration=state["iteration"],
         pipeline_steps=state["pipeline_steps"],
         manifest=manifest_for(
-            cfg.kind, nets, {"run_id": state["run_id"], "act_threshold": threshold}
+            cfg.kind,
+            nets,
+            {"run_id": state["run_id"], "act_threshold": threshold, "hand_raise": hand},
         ),
         eval_metrics={"validation_score": score, "held_out": record.get("eval", {})},
         config=cfg.model_dump(mode="json", by_alias=True),

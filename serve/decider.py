@@ -239,8 +239,14 @@ class DecisionService:
         slot = int(d.slot[i])
         target = None if action in UNTARGETED_ACTIONS else STAGES[slot]
         chosen = d.chosen[i]
-        confidence = float(np.prod([p for _, p in chosen.values()]))
         specialist = d.specialist[i]
+        # A raised hand (agents.inference) is the specialist's decision alone: the master chose
+        # to wait, so the master's probability is not a factor of this action's confidence.
+        raised = d.raised_hand is not None and bool(d.raised_hand[i])
+        if raised:
+            confidence = float(chosen[specialist][1])
+        else:
+            confidence = float(np.prod([p for _, p in chosen.values()]))
 
         requested = r.mode or g.default_mode
         mode, why = requested, []
@@ -284,7 +290,7 @@ class DecisionService:
             policy_version=policy.version,
             alternatives=alternatives(d.action_probs[i]),
             explanation=explain(
-                action, target, specialist, chosen, signals, state, mode, why, held
+                action, target, specialist, chosen, signals, state, mode, why, held, raised
             ),
             signals=signals,
             held_back=held,
@@ -552,10 +558,18 @@ def slo_breaches(enc: ObservationEncoder) -> list[str]:
     ]
 
 
-def explain(action, target, specialist, chosen, signals, state, mode, why, held) -> str:
+def explain(
+    action, target, specialist, chosen, signals, state, mode, why, held, raised=False
+) -> str:
     """One paragraph a person on call can act on."""
     what = f"{action} on {target}" if target else action
-    if specialist is not None:
+    if raised:
+        who = (
+            f"The master chose to observe (p={chosen['master'][1]:.2f}), but the {specialist} "
+            f"specialist, asked anyway, was sure enough to act: it chose {what} "
+            f"(p={chosen[specialist][1]:.2f})."
+        )
+    elif specialist is not None:
         p_master = chosen["master"][1]
         p_spec = chosen[specialist][1]
         who = (

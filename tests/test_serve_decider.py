@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from checkpoints.experience import ReplaySampler, experience_uri
 from envs.observation import observation_size
@@ -56,6 +57,31 @@ def test_a_confident_decision_names_action_stage_specialist_and_its_joint_probab
     assert d.parameters == {"replicas_from": 4, "replicas_to": 5}
     assert "infra specialist" in d.explanation and "scale_out on transform" in d.explanation
     assert d.policy_version == "hierarchical:test"
+
+
+def test_a_raised_hand_is_as_confident_as_its_specialist_and_says_so(tmp_path):
+    from envs.catalogue import MASTER_ACTIONS
+
+    nets = biased_nets(logit=8.0)  # infra sure of scale_out@transform
+    with torch.no_grad():  # but the master would wait
+        nets["master"].pi[-1].bias.zero_()
+        nets["master"].pi[-1].bias[MASTER_ACTIONS.index("observe")] = 8.0
+    settings = ServiceSettings(
+        store_uri=str(tmp_path), guardrails=Guardrails(default_mode="autonomous")
+    )
+    policy = policy_of(nets)
+    policy.hand_raise = {"infra": 0.9}
+    d = DecisionService(settings, policy=policy, clock=Clock()).decide(req())
+    assert (d.action, d.target_stage, d.specialist, d.mode) == (
+        "scale_out",
+        "transform",
+        "infra",
+        "autonomous",
+    )
+    # The specialist's probability alone (logit 8 against ~15 allowed zeros), not times the
+    # master's small P(delegate_infra), which would have escalated it.
+    assert 0.99 < d.confidence < 1.0
+    assert "master chose to observe" in d.explanation and "asked anyway" in d.explanation
 
 
 def test_low_confidence_escalates_and_says_why(tmp_path):

@@ -67,7 +67,7 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
         "warm_start": {"enabled": False},
     }
     for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -270,6 +270,110 @@ def test_the_act_threshold_acts_on_the_total_probability_of_acting(tmp_path):
         "delegate_infra",
         "delegate_quality",
     ]
+
+
+def _fixed_probs(net, probs) -> None:
+    """Make ``net``'s policy give ``probs`` whatever it sees."""
+    with torch.no_grad():
+        net.pi[-1].weight.zero_()
+        net.pi[-1].bias.copy_(torch.log(torch.tensor(probs, dtype=torch.float32)))
+
+
+def test_a_sure_specialist_raises_its_hand_while_the_master_observes(tmp_path):
+    from agents.inference import export_bundle, fresh_nets
+    from envs.catalogue import MASTER_ACTIONS, SIM_ACTIONS
+    from envs.observation import LAYOUTS, ObservationEncoder
+    from envs.params import SimParams
+    from envs.simulator import PipelineSim
+
+    nets = fresh_nets("hierarchical", hidden=(8,))
+    master = np.full(len(MASTER_ACTIONS), 0.05)
+    master[MASTER_ACTIONS.index("observe")] = 0.8  # the master waits
+    _fixed_probs(nets["master"], master / master.sum())
+    infra = np.full(LAYOUTS["infra"].size, 1e-6)
+    infra[LAYOUTS["infra"].encode("observe")] = 0.15
+    infra[LAYOUTS["infra"].encode("restart_stage", 2)] = 0.85  # infra is sure: restart transform
+    _fixed_probs(nets["infra"], infra / infra.sum())
+    scenario = load_scenario(ROOT / EASY)
+    enc = ObservationEncoder(scenario.topology, SimParams(), n=1)
+    enc.update(PipelineSim(scenario, n=1).reset([1]))
+
+    def decide(**kw):
+        export_bundle(tmp_path / "bundle", "hierarchical", nets, kw)
+        return LearnedPolicy.load(tmp_path / "bundle").decide(enc)
+
+    plain = decide()
+    assert SIM_ACTIONS[plain.action[0]] == "observe" and not plain.raised_hand[0]
+    raised = decide(hand_raise={"infra": 0.8})
+    assert SIM_ACTIONS[raised.action[0]] == "restart_stage" and raised.stage[0] == 2
+    assert raised.raised_hand[0] and raised.specialist == ["infra"]
+    # What each agent chose: the master still observed; infra restarted, with its probability.
+    assert MASTER_ACTIONS[raised.chosen[0]["master"][0]] == "observe"
+    assert raised.chosen[0]["infra"][1] == pytest.approx(0.85, abs=1e-3)
+    # Not sure enough, or another specialist named: the master's observe stands.
+    assert SIM_ACTIONS[decide(hand_raise={"infra": 0.9}).action[0]] == "observe"
+    assert SIM_ACTIONS[decide(hand_raise={"drift": 0.5}).action[0]] == "observe"
+    # The argument overrides the bundle; sampling ignores raised hands.
+    policy = LearnedPolicy.load(tmp_path / "bundle", hand_raise={"infra": 0.5})
+    assert policy.decide(enc).raised_hand[0]
+    assert not LearnedPolicy.load(tmp_path / "bundle", sample=True).decide(enc).raised_hand.any()
+    for bad, match in (
+        ({"infra": 1.0}, "strictly between 0 and 1"),
+        ({"master": 0.5}, "not a specialist"),
+    ):
+        with pytest.raises(CheckpointError, match=match):
+            LearnedPolicy.load(tmp_path / "bundle", hand_raise=bad)
+    export_bundle(tmp_path / "flat", "flat", fresh_nets("flat", hidden=(8,)), {})
+    with pytest.raises(CheckpointError, match="hierarchical policies only"):
+        LearnedPolicy.load(tmp_path / "flat", hand_raise={"infra": 0.5})
+
+
+def test_hand_raise_thresholds_name_specialists():
+    with pytest.raises(ConfigError, match="not specialists"):
+        load_train_config(ROOT / "configs/train-quick.yaml", hand_raise_thresholds={"mastr": [0.5]})
+
+
+def test_retune_publishes_the_same_weights_with_the_rule_validation_prefers(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from agents.inference import fresh_nets, publish_nets
+    from checkpoints.policies import CheckpointStore
+    from cluster.cli import app
+    from envs.catalogue import MASTER_ACTIONS
+    from envs.observation import LAYOUTS
+
+    # A master that always waits, and a quality specialist sure of deduplicate on `load`,
+    # which cures the easy scenario's duplicate burst (downstream of `validate`): greedy never
+    # acts, a raised quality hand does, so validation must prefer the raised hand.
+    nets = fresh_nets("hierarchical", hidden=(8,))
+    master = np.full(len(MASTER_ACTIONS), 0.01)
+    master[MASTER_ACTIONS.index("observe")] = 0.96
+    _fixed_probs(nets["master"], master)
+    quality = np.full(LAYOUTS["quality"].size, 1e-6)
+    quality[LAYOUTS["quality"].encode("observe")] = 0.1
+    quality[LAYOUTS["quality"].encode("deduplicate", 3)] = 0.9
+    _fixed_probs(nets["quality"], quality / quality.sum())
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path / "store"))
+    publish_nets(
+        "hierarchical", nets, root=None, run_id="retune-test", iteration=3, promote_reason="test"
+    )
+    config = tiny_config(tmp_path, hand_raise_thresholds={"quality": [0.5]}, eval_episodes=1)
+    cli = CliRunner()
+    first = cli.invoke(
+        app, ["checkpoints", "retune", "hierarchical", "--config", str(config), "--promote"]
+    )
+    assert first.exit_code == 0, first.output
+    assert "best: quality raises its hand above 0.5" in first.output
+    store = CheckpointStore()
+    retuned = store.load_promoted("hierarchical")
+    assert retuned.version == 2 and retuned.manifest["hand_raise"] == {"quality": 0.5}
+    assert retuned.manifest["retuned_from"] == "hierarchical:v1"
+    assert retuned.weights == store.load("hierarchical", 1).weights
+    assert LearnedPolicy.from_store("hierarchical").hand_raise == {"quality": 0.5}
+    again = cli.invoke(app, ["checkpoints", "retune", "hierarchical", "--config", str(config)])
+    assert again.exit_code == 0 and "already decides that way" in again.output
+    none = cli.invoke(app, ["checkpoints", "retune", "flat", "--config", str(config)])
+    assert none.exit_code == 2 and "Traceback" not in none.output
 
 
 def test_a_bundle_from_other_code_or_missing_files_is_refused(tmp_path):
