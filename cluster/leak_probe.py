@@ -11,7 +11,7 @@ reading) and records, per policy:
   (``hierarchical``: P(``delegate_infra``) × the infra specialist's P(restart that stage), the
   two gates a hierarchy puts in series; ``flat``: P(restart that stage));
 - ``greedy_cure``: the share of steps on which the greedy decision (what evaluation and serving
-  do) restarts the leaking stage.
+  do, under the version's decision rule: a raised hand counts) restarts the leaking stage.
 
 Telemetry can show the leak once true memory is about 61% (``envs.simulator.SHOWN_SIGMAS``);
 below that no telemetry-only policy should be expected to act. The observe-only episodes are

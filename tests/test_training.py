@@ -97,7 +97,9 @@ class UniformRandomPolicy:
 def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, tmp_path):
     # The shipped recipe, small: imitate the oracle briefly, then a few PPO iterations.
     warm = {"enabled": True, "pipeline_steps": 16000, "rounds": 2, "pipelines": 16}
-    cfg = load_train_config(tiny_config(tmp_path, warm_start=warm))
+    cfg = load_train_config(
+        tiny_config(tmp_path, warm_start=warm, hand_raise_thresholds={"quality": [0.5]})
+    )
     summary = train(cfg, tmp_path / "run", promote=False, max_iterations=3)
     assert summary["iteration"] == 3 and summary["warm_start_steps"] >= 16000
     scenario = load_scenario(ROOT / EASY).model_copy(update={"duration_steps": 60})
@@ -125,6 +127,11 @@ def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, t
     mine = [v for v in versions if v["run_id"] == summary["run_id"]]
     assert [v["iteration"] for v in mine] == [0, 3]
     assert all(set(v["agents"]) == {"master", "drift", "infra", "quality"} for v in mine)
+    # Each review scored both decision rules and stored the one it chose with the version.
+    for review in (r for r in rows if "validation_score" in r):
+        assert review["hand_raise"] in (None, {"quality": 0.5})
+        stored = CheckpointStore().load("hierarchical", review["version"]).manifest
+        assert stored["hand_raise"] == review["hand_raise"]
     logged = ReplaySampler().read(run_ids=[summary["run_id"]]).to_pylist()
     assert logged and {"master"} <= {r["agent"] for r in logged}
     for r in logged:
