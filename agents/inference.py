@@ -34,8 +34,8 @@ Raised hands (``hand_raise``, hierarchical only)
     master's choice is ``observe``, that domain's specialist is asked anyway, on its own view;
     if its most probable remediation has probability above t, it acts (the domains in
     ``DOMAINS`` order, the first sure one wins). The master's own choice is still what
-    ``Decision.chosen`` records for it; ``Decision.raised_hand`` marks these rows, and serving
-    takes the specialist's probability as the decision's confidence there. Training picks the
+    ``Decision.chosen`` records for it; ``Decision.raised_hand`` marks these rows, and their
+    ``Decision.confidence`` (what serving's guardrails read) is the specialist's probability. Training picks the
     thresholds (or none) by validation score (``cluster.train``).
 """
 
@@ -74,20 +74,14 @@ AGENTS_OF_KIND: dict[str, tuple[str, ...]] = {
     "flat": ("flat",),
 }
 _VIEW = {"master": "master", "flat": "master", **{d: d for d in DOMAINS}}
-#: The top agent's choices that wait instead of acting (see the act threshold).
+#: The choices that wait instead of acting (see the act threshold and raised hands).
 WAITING = frozenset({"observe", "escalate"})
 _OBSERVE = MASTER_ACTIONS.index("observe")
-#: Per specialist, which entries of its layout are remediations (anything but ``observe``).
-REMEDIES: dict[str, np.ndarray] = {
-    d: np.array([LAYOUTS[d].decode(i)[0] != "observe" for i in range(LAYOUTS[d].size)])
-    for d in DOMAINS
-}
-#: Per top agent, which entries of its layout are acting choices.
+#: Per agent, which entries of its layout are acting choices (for a specialist: its
+#: remediations, everything but ``observe``).
 ACTING: dict[str, np.ndarray] = {
-    agent: np.array(
-        [LAYOUTS[agent].decode(i)[0] not in WAITING for i in range(LAYOUTS[agent].size)]
-    )
-    for agent in ("master", "flat")
+    agent: np.array([layout.decode(i)[0] not in WAITING for i in range(layout.size)])
+    for agent, layout in LAYOUTS.items()
 }
 
 
@@ -248,8 +242,13 @@ class Decision:
     chosen: list[dict[str, tuple[int, float]]] = field(default_factory=list)
     # Per agent that decided: (rows, observations, action masks) it was given.
     inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
-    # Per pipeline: a specialist acted on its own while the master chose observe (hand_raise).
-    raised_hand: np.ndarray | None = None
+    # Per pipeline: a specialist acted on its own while the master chose observe (hand_raise;
+    # always False for flat).
+    raised_hand: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # Per pipeline: the probability the deciding agents gave this decision, the product of
+    # their chosen probabilities; a raised hand's is its specialist's alone (the master chose
+    # to wait, so its probability is no factor of this action).
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 class NumpyPolicyHead:
@@ -380,14 +379,15 @@ class LearnedPolicy:
         probs_by_agent: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         master_probs = None
+        raised = np.zeros(n, dtype=bool)
         if self.name == "flat":
             choosers = {"flat": everyone}
         else:
             master_probs, obs, mask = self._probs("master", enc, everyone)
             inputs["master"] = (everyone, obs, mask)
-            choice = self._choose_top("master", master_probs)
-            probs_by_agent["master"] = (everyone, master_probs, choice.copy())
-            raised = self._raised_hands(enc, choice)
+            master_choice = self._choose_top("master", master_probs)
+            probs_by_agent["master"] = (everyone, master_probs, master_choice)
+            choice, raised = self._raised_hands(enc, master_choice)
             for i, c in enumerate(choice):
                 if not MASTER_ACTIONS[c].startswith("delegate_"):
                     action[i] = ACTION_ID[MASTER_ACTIONS[c]]
@@ -408,9 +408,12 @@ class LearnedPolicy:
                     specialist[i] = agent
         action_probs: list[dict[str, dict[str, float]]] = [{} for _ in range(n)]
         chosen: list[dict[str, tuple[int, float]]] = [{} for _ in range(n)]
+        confidence = np.ones(n)
         for agent, (rows, probs, index) in probs_by_agent.items():
+            picked = probs[np.arange(len(rows)), index]
+            confidence[rows] *= np.where(raised[rows], 1.0, picked) if agent == "master" else picked
             for j, i in enumerate(rows):
-                chosen[i][agent] = (int(index[j]), float(probs[j, index[j]]))
+                chosen[i][agent] = (int(index[j]), float(picked[j]))
                 top = np.argsort(probs[j])[::-1][:5]
                 action_probs[i][agent] = {
                     _label(LAYOUTS[agent], k): float(probs[j, k]) for k in top if probs[j, k] > 1e-4
@@ -424,15 +427,19 @@ class LearnedPolicy:
             action_probs=action_probs,
             chosen=chosen,
             inputs=inputs,
-            raised_hand=raised if self.name != "flat" else None,
+            raised_hand=raised,
+            confidence=confidence,
         )
 
-    def _raised_hands(self, enc: ObservationEncoder, choice: np.ndarray) -> np.ndarray:
-        """Turn the master's ``observe`` into a delegation where a ``hand_raise`` specialist
-        is sure enough (in place, on ``choice``); returns which rows were turned."""
+    def _raised_hands(
+        self, enc: ObservationEncoder, master_choice: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The master's choices with ``observe`` turned into a delegation wherever a
+        ``hand_raise`` specialist is sure enough, and which rows were turned."""
+        choice = master_choice.copy()
         raised = np.zeros(len(choice), dtype=bool)
         if not self.hand_raise or self.sample:
-            return raised
+            return choice, raised
         for domain in DOMAINS:
             if domain not in self.hand_raise:
                 continue
@@ -440,10 +447,10 @@ class LearnedPolicy:
             if len(rows) == 0:
                 break
             probs, _, _ = self._probs(domain, enc, rows)
-            sure = np.where(REMEDIES[domain], probs, 0.0).max(axis=1) > self.hand_raise[domain]
+            sure = np.where(ACTING[domain], probs, 0.0).max(axis=1) > self.hand_raise[domain]
             choice[rows[sure]] = MASTER_ACTIONS.index(f"delegate_{domain}")
             raised[rows[sure]] = True
-        return raised
+        return choice, raised
 
 
 def check_hand_raise(hand_raise: dict[str, float] | None, kind: str) -> None:

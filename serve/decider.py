@@ -240,13 +240,8 @@ class DecisionService:
         target = None if action in UNTARGETED_ACTIONS else STAGES[slot]
         chosen = d.chosen[i]
         specialist = d.specialist[i]
-        # A raised hand (agents.inference) is the specialist's decision alone: the master chose
-        # to wait, so the master's probability is not a factor of this action's confidence.
-        raised = d.raised_hand is not None and bool(d.raised_hand[i])
-        if raised:
-            confidence = float(chosen[specialist][1])
-        else:
-            confidence = float(np.prod([p for _, p in chosen.values()]))
+        confidence = float(d.confidence[i])
+        raised = bool(d.raised_hand[i])
 
         requested = r.mode or g.default_mode
         mode, why = requested, []

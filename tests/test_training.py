@@ -317,6 +317,10 @@ def test_a_sure_specialist_raises_its_hand_while_the_master_observes(tmp_path):
     # What each agent chose: the master still observed; infra restarted, with its probability.
     assert MASTER_ACTIONS[raised.chosen[0]["master"][0]] == "observe"
     assert raised.chosen[0]["infra"][1] == pytest.approx(0.85, abs=1e-3)
+    # Its confidence is infra's alone; an ordinary decision's is the product of its agents'.
+    assert raised.confidence[0] == pytest.approx(0.85, abs=1e-3)
+    assert plain.confidence[0] == pytest.approx(plain.chosen[0]["master"][1])
+    assert plain.confidence[0] == pytest.approx(0.8 / (0.8 + 4 * 0.05), abs=1e-3)
     # Not sure enough, or another specialist named: the master's observe stands.
     assert SIM_ACTIONS[decide(hand_raise={"infra": 0.9}).action[0]] == "observe"
     assert SIM_ACTIONS[decide(hand_raise={"drift": 0.5}).action[0]] == "observe"
