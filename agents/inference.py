@@ -313,12 +313,16 @@ class LearnedPolicy:
         return cls(manifest, nets, **kw)
 
     @classmethod
-    def from_store(cls, kind: str, *, root: str | None = None, **kw: Any) -> LearnedPolicy:
+    def from_store(
+        cls, kind: str, *, root: str | None = None, version: int | None = None, **kw: Any
+    ) -> LearnedPolicy:
         """The promoted version of ``kind`` in the checkpoints table (``checkpoints.policies``);
-        if its hash check fails, the version promoted before it."""
+        if its hash check fails, the version promoted before it. With ``version``, that
+        version (``CheckpointError`` if it is missing or fails its check)."""
         from checkpoints.policies import CheckpointStore
 
-        stored = CheckpointStore(root).load_promoted(kind)
+        store = CheckpointStore(root)
+        stored = store.load_promoted(kind) if version is None else store.load(kind, version)
         facts = {
             "run_id": stored.run_id,
             "iteration": stored.iteration,

@@ -133,6 +133,9 @@ class _Samples:
         self.label: list[int] = []
         self.reward: list[float] = []
         self.episode_of: list[tuple] = []  # (round, agent, episode): returns are per agent run
+        # The acting role's samples only: the teacher's own sim action behind each label (a
+        # master label merges a domain's actions; cluster.wait_probe tells them apart).
+        self.teacher_action: list[int] = []
 
     def returns(self, gamma: float) -> np.ndarray:
         out = np.zeros(len(self.reward), dtype=np.float32)
@@ -267,6 +270,7 @@ def collect(
                     s.label.append(label)
                     s.reward.append(0.0)
                     s.episode_of.append((round_id, aid, episode))
+                    s.teacher_action.append(int(teach_action[i]))
                     last_index[aid] = len(s.reward) - 1
                     acts_itself = follow_teacher[i] or nets is None
                     actions[aid] = label if acts_itself else _student_action(nets[top], o)

@@ -3,7 +3,7 @@
     pipemedic train --config configs/train.yaml          (same as python -m cluster.train)
     pipemedic evaluate --policy hierarchical,flat,runbook,oncall,oracle --held-out --out reports/eval
     pipemedic scenarios check configs/scenarios
-    pipemedic bench sim | train | store | imitation | leak
+    pipemedic bench sim | train | store | imitation | leak | waits
     pipemedic checkpoints list | show | promote | rollback | promoted
     pipemedic experience record | stats | compact | vacuum
     pipemedic cluster render | apply | status | delete   (KubeRay)
@@ -681,6 +681,68 @@ def bench_leak_cmd(
     console.print(
         "Telemetry shows a leak from about 61% true memory. P(cure): the probability that the "
         "policy, sampled, restarts the leaking stage (hierarchical: master x infra specialist)."
+    )
+
+
+@bench_app.command("waits")
+def bench_waits_cmd(
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
+        ),
+    ] = "hierarchical,flat",
+    config: Annotated[
+        Path, typer.Option(help="Training config: its environment and warm-start teacher.")
+    ] = Path("configs/train.yaml"),
+    steps: Annotated[int, typer.Option(min=1, help="Simulated pipeline steps per policy.")] = 40000,
+    seed: Annotated[int, typer.Option()] = 99,
+) -> None:
+    """Per action the warm start's teacher would take, how often each policy's top agent
+    (master or flat) observes instead, on the policy's own episodes (cluster/wait_probe.py)."""
+    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
+    from agents.ppo_config import load_train_config
+    from cluster.wait_probe import waiting_by_teacher_action
+
+    specs = [p.strip() for p in policy.split(",") if p.strip()]
+    if not specs:
+        fail(PipemedicError("--policy names no policy"))
+    figures: dict[str, dict[str, object]] = {}
+    try:
+        for spec in specs:
+            kind, _, version = spec.partition(":")
+            if kind not in AGENTS_OF_KIND or (version and not version.lstrip("v").isdigit()):
+                raise PipemedicError(
+                    f"--policy takes KIND or KIND:vN with KIND in {sorted(AGENTS_OF_KIND)}, "
+                    f"got {spec!r}"
+                )
+            learned = LearnedPolicy.from_store(
+                kind, version=int(version.lstrip("v")) if version else None
+            )
+            cfg = load_train_config(config, kind=kind)
+            rows = waiting_by_teacher_action(learned, cfg, steps=steps, seed=seed)
+            figures[learned.version] = {r.action: r for r in rows}
+    except PipemedicError as exc:
+        fail(exc)
+    table = Table(
+        title=f"Steps where the teacher acts and the top agent observes ({config}, {steps:,} "
+        "pipeline steps per policy, the policy acting): share waited (steps)",
+        title_justify="left",
+    )
+    table.add_column("teacher's action")
+    for name in figures:
+        table.add_column(name, justify="right")
+    actions = sorted({a for rows in figures.values() for a in rows})
+    for action in actions:
+        cells = []
+        for rows in figures.values():
+            r = rows.get(action)
+            cells.append(f"{r.share:.0%} ({r.steps:,})" if r else "-")
+        table.add_row(action, *cells)
+    console.print(table)
+    console.print(
+        "A master that observes there never asks a specialist. The steps are each policy's own "
+        "(a policy that waits longer meets more of them): compare the shares."
     )
 
 
