@@ -695,7 +695,7 @@ def bench_waits_cmd(
     config: Annotated[
         Path, typer.Option(help="Training config: its environment and warm-start teacher.")
     ] = Path("configs/train.yaml"),
-    steps: Annotated[int, typer.Option(min=1, help="Simulated pipeline steps per policy.")] = 40000,
+    steps: Annotated[int, typer.Option(min=1, help="Simulated pipeline steps per policy.")] = 80000,
     seed: Annotated[int, typer.Option()] = 99,
 ) -> None:
     """Per action the warm start's teacher would take, how often each policy's top agent
@@ -707,7 +707,7 @@ def bench_waits_cmd(
     specs = [p.strip() for p in policy.split(",") if p.strip()]
     if not specs:
         fail(PipemedicError("--policy names no policy"))
-    figures: dict[str, dict[str, object]] = {}
+    figures: list[tuple[str, dict[str, object]]] = []
     try:
         for spec in specs:
             kind, _, version = spec.partition(":")
@@ -721,7 +721,7 @@ def bench_waits_cmd(
             )
             cfg = load_train_config(config, kind=kind)
             rows = waiting_by_teacher_action(learned, cfg, steps=steps, seed=seed)
-            figures[learned.version] = {r.action: r for r in rows}
+            figures.append((learned.version, {r.action: r for r in rows}))
     except PipemedicError as exc:
         fail(exc)
     table = Table(
@@ -730,12 +730,12 @@ def bench_waits_cmd(
         title_justify="left",
     )
     table.add_column("teacher's action")
-    for name in figures:
+    for name, _ in figures:
         table.add_column(name, justify="right")
-    actions = sorted({a for rows in figures.values() for a in rows})
+    actions = sorted({a for _, rows in figures for a in rows})
     for action in actions:
         cells = []
-        for rows in figures.values():
+        for _, rows in figures:
             r = rows.get(action)
             cells.append(f"{r.share:.0%} ({r.steps:,})" if r else "-")
         table.add_row(action, *cells)

@@ -6,7 +6,9 @@ the student acts, master and specialists alike, greedy on its own networks; a ve
 rule, such as a raised hand, is not applied). On every step its top agent (``master`` or
 ``flat``) decides, the warm start's teacher is asked too, on the faults telemetry shows
 (``warm_start.teacher_waits``). Per concrete action the teacher chose, it counts those steps
-and the share of them on which the top agent's greedy choice was ``observe``.
+and the share of them on which the top agent's greedy choice was ``observe``. It runs
+``env.pipelines`` pipelines per environment, not the warm start's ``warm_start.pipelines``:
+every episode is one scenario for all its pipelines, and more episodes cover more scenarios.
 
 That share is the first gate of a cure: a master that observes there never asks a specialist.
 The steps are the student's own, so a policy that waits longer meets more of them; compare the
@@ -62,7 +64,7 @@ def waiting_by_teacher_action(
         policy.nets,
         steps=steps,
         teacher_share=0.0,
-        pipelines=ws.pipelines,
+        pipelines=cfg.env.pipelines,
         seed=seed,
         teacher=ws.teacher,
         teacher_waits=ws.teacher_waits,

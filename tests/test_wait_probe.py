@@ -26,8 +26,8 @@ def _config(kind: str) -> TrainConfig:
                 "scenarios": [str(ROOT / "configs/scenarios/memory-leak.yaml")],
                 "random": {"share": 0.0},
                 "max_episode_steps": 120,
+                "pipelines": 4,
             },
-            "warm_start": {"pipelines": 4},
         }
     )
 
