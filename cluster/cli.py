@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,6 +33,9 @@ from cluster.cli_output import console, err_console, fail
 from cluster.cluster_cli import cluster_app
 from cluster.store_cli import checkpoints_app, experience_app, fmt_optional
 from envs.errors import PipemedicError
+
+if TYPE_CHECKING:
+    from agents.inference import LearnedPolicy
 
 app = typer.Typer(
     add_completion=False,
@@ -626,10 +629,33 @@ def bench_imitation_cmd(
     print_per_fault(report)
 
 
+def stored_policies(spec: str) -> list[LearnedPolicy]:
+    """``--policy`` of the bench commands: comma-separated ``KIND`` (the promoted version) or
+    ``KIND:vN`` (a stored one), learned kinds only."""
+    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
+
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    if not names:
+        raise PipemedicError("--policy names no policy")
+    wanted = []
+    for name in names:  # every name checked before anything is loaded
+        kind, colon, version = name.partition(":")
+        if kind not in AGENTS_OF_KIND or (colon and not version.removeprefix("v").isdigit()):
+            raise PipemedicError(
+                f"--policy takes learned kinds, KIND or KIND:vN with KIND in "
+                f"{sorted(AGENTS_OF_KIND)}, got {name!r}"
+            )
+        wanted.append((kind, int(version.removeprefix("v")) if colon else None))
+    return [LearnedPolicy.from_store(kind, version=number) for kind, number in wanted]
+
+
 @bench_app.command("leak")
 def bench_leak_cmd(
     policy: Annotated[
-        str, typer.Option(help="Comma-separated learned kinds (promoted versions).")
+        str,
+        typer.Option(
+            help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
+        ),
     ] = "hierarchical,flat",
     scenario: Annotated[
         Path, typer.Option(help="A scenario with one memory leak and nothing else.")
@@ -642,18 +668,12 @@ def bench_leak_cmd(
 ) -> None:
     """How ready each learned policy is to restart a leaking stage, by its true memory, on
     the same observe-only episodes (cluster/leak_probe.py)."""
-    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
     from cluster.leak_probe import leak_readiness
     from envs.params import load_sim_params
     from envs.scenario import load_scenario
 
-    kinds = [k.strip() for k in policy.split(",") if k.strip()]
-    if not kinds or not set(kinds) <= set(AGENTS_OF_KIND):
-        fail(
-            PipemedicError(f"--policy takes learned kinds {sorted(AGENTS_OF_KIND)}, got {policy!r}")
-        )
     try:
-        policies = [LearnedPolicy.from_store(k) for k in kinds]
+        policies = stored_policies(policy)
         bins = leak_readiness(
             policies,
             load_scenario(scenario),
@@ -700,26 +720,13 @@ def bench_waits_cmd(
 ) -> None:
     """Per action the warm start's teacher would take, how often each policy's top agent
     (master or flat) observes instead, on the policy's own episodes (cluster/wait_probe.py)."""
-    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
     from agents.ppo_config import load_train_config
     from cluster.wait_probe import waiting_by_teacher_action
 
-    specs = [p.strip() for p in policy.split(",") if p.strip()]
-    if not specs:
-        fail(PipemedicError("--policy names no policy"))
     figures: list[tuple[str, dict[str, object]]] = []
     try:
-        for spec in specs:
-            kind, _, version = spec.partition(":")
-            if kind not in AGENTS_OF_KIND or (version and not version.lstrip("v").isdigit()):
-                raise PipemedicError(
-                    f"--policy takes KIND or KIND:vN with KIND in {sorted(AGENTS_OF_KIND)}, "
-                    f"got {spec!r}"
-                )
-            learned = LearnedPolicy.from_store(
-                kind, version=int(version.lstrip("v")) if version else None
-            )
-            cfg = load_train_config(config, kind=kind)
+        for learned in stored_policies(policy):
+            cfg = load_train_config(config, kind=learned.name)
             rows = waiting_by_teacher_action(learned, cfg, steps=steps, seed=seed)
             figures.append((learned.version, {r.action: r for r in rows}))
     except PipemedicError as exc:

@@ -107,6 +107,11 @@ def test_a_tampered_row_is_refused_and_the_previous_promoted_version_is_served(t
     )
     with pytest.raises(CheckpointError, match="does not match"):
         store.promote("hierarchical", 2)
+    # Asked for by number, a version is that version or an error, never another one.
+    chosen = LearnedPolicy.from_store("hierarchical", root=str(tmp_path), version=1)
+    assert chosen.version == "hierarchical:v1"
+    with pytest.raises(CheckpointError, match="does not match"):
+        LearnedPolicy.from_store("hierarchical", root=str(tmp_path), version=2)
 
 
 def test_when_every_promoted_version_is_tampered_loading_fails_clearly(tmp_path):

@@ -77,3 +77,15 @@ def test_flat_is_probed_on_its_own_choice_and_a_config_of_another_kind_is_refuse
         waiting_by_teacher_action(
             _policy("flat", observe), _config("hierarchical"), steps=960, seed=1
         )
+
+
+@pytest.mark.parametrize("spec", ["flat:vx", "runbook", "hierarchical:", ","])
+def test_bench_waits_refuses_a_policy_it_cannot_load_by_name(spec):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "waits", "--policy", spec])
+    assert result.exit_code == 2, result.output
+    assert "--policy" in result.output
+    assert "Traceback" not in result.output
