@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.inference import LearnedPolicy
+from agents.inference import AGENTS_OF_KIND, LearnedPolicy
 from agents.ppo_config import TrainConfig
 from agents.warm_start import collect
 from envs.catalogue import SIM_ACTIONS
@@ -43,11 +43,7 @@ class WaitFigures:
 
     @property
     def share(self) -> float:
-        return self.waited / self.steps if self.steps else 0.0
-
-
-def top_agent(policy: LearnedPolicy) -> str:
-    return "master" if "master" in policy.nets else "flat"
+        return self.waited / self.steps  # a row exists only where the teacher acted
 
 
 @torch.no_grad()
@@ -70,7 +66,7 @@ def waiting_by_teacher_action(
         teacher_waits=ws.teacher_waits,
         specialists_wait=ws.specialists_wait,
     )
-    top = top_agent(policy)
+    top = AGENTS_OF_KIND[policy.name][0]  # master or flat
     s = samples[top]
     if not s.label:
         return []
