@@ -104,6 +104,13 @@ class WarmStartConfig(BaseModel):
         description="the master's own cap (None: max_class_weight): its rare labels are "
         "delegations, the specialists' are cures",
     )
+    master_observe_weight: float | None = Field(
+        None,
+        gt=0,
+        description="weight of the master's observe labels (None: by label frequency like "
+        "every other label, which gives them ten times the weight flat's observe labels get: "
+        "the master has 4-5 labels, flat over 40; README)",
+    )
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     teacher_waits: bool = Field(
         False,
@@ -331,6 +338,17 @@ def label_weights(label: torch.Tensor, n_actions: int, cap: float) -> torch.Tens
     return (counts[label].reciprocal() * len(label) / counts.count_nonzero()).clamp(max=cap)
 
 
+def sample_weights(
+    label: torch.Tensor, role: str, n_actions: int, cfg: WarmStartConfig
+) -> torch.Tensor:
+    """Per sample, its weight in the imitation loss: ``label_weights``, except that the
+    master's ``observe`` labels weigh ``master_observe_weight`` where that is set."""
+    weight = label_weights(label, n_actions, class_weight_cap(role, cfg))
+    if role == MASTER and cfg.master_observe_weight is not None:
+        weight[label == LAYOUTS[MASTER].encode("observe")] = cfg.master_observe_weight
+    return weight
+
+
 def fit(
     nets: dict[str, PolicyValueNet],
     data: dict[str, _Samples],
@@ -354,7 +372,7 @@ def fit(
         ret = torch.from_numpy(s.returns(gamma)) if acted else None
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         n = len(label)
-        weight = label_weights(label, net.n_actions, class_weight_cap(role, cfg))
+        weight = sample_weights(label, role, net.n_actions, cfg)
         # Label smoothing over the allowed actions keeps some probability on the alternatives,
         # so PPO can still explore where the teacher's labels were thin.
         allowed = mask / mask.sum(dim=1, keepdim=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from agents.inference import agent_sizes
@@ -16,6 +17,7 @@ from agents.warm_start import (
     collect,
     fit,
     label_weights,
+    sample_weights,
 )
 from envs.catalogue import ACTION_ID, DOMAINS, STAGES, best_cure
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv
@@ -200,3 +202,19 @@ def test_only_the_master_takes_its_own_class_weight_cap():
     label = torch.tensor([0] * 8 + [1] * 2)
     assert label_weights(label, 4, 10.0).tolist() == [10 / 16] * 8 + [10 / 4] * 2
     assert label_weights(label, 4, 1.0).tolist() == [10 / 16] * 8 + [1.0] * 2
+
+
+def test_master_observe_weight_sets_the_masters_observe_labels_only():
+    observe = LAYOUTS["master"].encode("observe")
+    infra = LAYOUTS["master"].encode("delegate_infra")
+    label = torch.tensor([observe] * 8 + [infra] * 2)
+    n = LAYOUTS["master"].size
+    cfg = WarmStartConfig(max_class_weight=1.0, master_observe_weight=0.05)
+    assert sample_weights(label, "master", n, cfg).tolist() == pytest.approx([0.05] * 8 + [1.0] * 2)
+    # Unset, the master's labels are weighted by frequency like everyone's; and the setting
+    # never touches another role, whose label numbers mean other actions.
+    unset = WarmStartConfig(max_class_weight=1.0)
+    assert (
+        sample_weights(label, "master", n, unset).tolist() == label_weights(label, n, 1.0).tolist()
+    )
+    assert sample_weights(label, "flat", n, cfg).tolist() == label_weights(label, n, 1.0).tolist()
