@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agents.networks import PolicyValueNet
 from agents.policy import EpisodeContext, make_policy
@@ -104,14 +104,26 @@ class WarmStartConfig(BaseModel):
         description="the master's own cap (None: max_class_weight): its rare labels are "
         "delegations, the specialists' are cures",
     )
-    master_observe_weight: float | None = Field(
-        None,
-        gt=0,
-        description="weight of the master's observe labels (None: by label frequency like "
-        "every other label, which gives them ten times the weight flat's observe labels get: "
-        "the master has 4-5 labels, flat over 40; README)",
+    observe_weight: dict[str, float] = Field(
+        default_factory=dict,
+        description="per role (master, drift, infra, quality, flat): the weight of its observe "
+        "labels; a role not named weights them by frequency like every other label, which "
+        "gives the master's ten times what flat's get (the master has 4-5 labels, flat over "
+        "40; README)",
     )
     label_smoothing: float = Field(0.05, ge=0, lt=1)
+
+    @field_validator("observe_weight")
+    @classmethod
+    def _known_roles(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(LAYOUTS))
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; roles are {sorted(LAYOUTS)}")
+        bad = {role: w for role, w in value.items() if not w > 0}
+        if bad:
+            raise ValueError(f"weights must be above 0, got {bad}")
+        return value
+
     teacher_waits: bool = Field(
         False,
         description="the teacher acts on a fault only once telemetry can show it "
@@ -341,11 +353,11 @@ def label_weights(label: torch.Tensor, n_actions: int, cap: float) -> torch.Tens
 def sample_weights(
     label: torch.Tensor, role: str, n_actions: int, cfg: WarmStartConfig
 ) -> torch.Tensor:
-    """Per sample, its weight in the imitation loss: ``label_weights``, except that the
-    master's ``observe`` labels weigh ``master_observe_weight`` where that is set."""
+    """Per sample, its weight in the imitation loss: ``label_weights``, except that ``role``'s
+    ``observe`` labels weigh ``observe_weight[role]`` where that is set."""
     weight = label_weights(label, n_actions, class_weight_cap(role, cfg))
-    if role == MASTER and cfg.master_observe_weight is not None:
-        weight[label == LAYOUTS[MASTER].encode("observe")] = cfg.master_observe_weight
+    if role in cfg.observe_weight:
+        weight[label == LAYOUTS[role].encode("observe")] = cfg.observe_weight[role]
     return weight
 
 

@@ -204,17 +204,25 @@ def test_only_the_master_takes_its_own_class_weight_cap():
     assert label_weights(label, 4, 1.0).tolist() == [10 / 16] * 8 + [1.0] * 2
 
 
-def test_master_observe_weight_sets_the_masters_observe_labels_only():
+def test_observe_weight_sets_that_roles_observe_labels_only():
     observe = LAYOUTS["master"].encode("observe")
     infra = LAYOUTS["master"].encode("delegate_infra")
     label = torch.tensor([observe] * 8 + [infra] * 2)
     n = LAYOUTS["master"].size
-    cfg = WarmStartConfig(max_class_weight=1.0, master_observe_weight=0.05)
+    cfg = WarmStartConfig(max_class_weight=1.0, observe_weight={"master": 0.05})
     assert sample_weights(label, "master", n, cfg).tolist() == pytest.approx([0.05] * 8 + [1.0] * 2)
-    # Unset, the master's labels are weighted by frequency like everyone's; and the setting
-    # never touches another role, whose label numbers mean other actions.
-    unset = WarmStartConfig(max_class_weight=1.0)
+    # A role not named keeps the frequency weights, even where its label numbers are the same.
+    same = label_weights(label, n, 1.0).tolist()
     assert (
-        sample_weights(label, "master", n, unset).tolist() == label_weights(label, n, 1.0).tolist()
+        sample_weights(label, "master", n, WarmStartConfig(max_class_weight=1.0)).tolist() == same
     )
-    assert sample_weights(label, "flat", n, cfg).tolist() == label_weights(label, n, 1.0).tolist()
+    assert sample_weights(label, "infra", n, cfg).tolist() == same
+
+
+@pytest.mark.parametrize(
+    ("weights", "named"),
+    [({"mastr": 0.1}, "mastr"), ({"infra": 0.0}, "infra"), ({"flat": -1}, "flat")],
+)
+def test_observe_weight_refuses_unknown_roles_and_weights_not_above_zero(weights, named):
+    with pytest.raises(ValueError, match=named):
+        WarmStartConfig(observe_weight=weights)
