@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -359,6 +360,34 @@ def sample_weights(
     if role in cfg.observe_weight:
         weight[label == LAYOUTS[role].encode("observe")] = cfg.observe_weight[role]
     return weight
+
+
+@dataclass(frozen=True)
+class LabelBalance:
+    """One role's imitation labels and what ``sample_weights`` makes of them."""
+
+    role: str
+    samples: int
+    labels: int  # distinct labels present
+    observe_share: float
+    observe_weight: float  # per observe sample (nan when there is none)
+    acting_to_observe: float  # total weight of the acting samples over that of the observe ones
+
+    @classmethod
+    def of(cls, role: str, label: list[int], cfg: WarmStartConfig) -> LabelBalance:
+        y = torch.tensor(label)
+        weight = sample_weights(y, role, LAYOUTS[role].size, cfg)
+        quiet = y == LAYOUTS[role].encode("observe")
+        return cls(
+            role=role,
+            samples=len(y),
+            labels=int(torch.bincount(y).count_nonzero()),
+            observe_share=float(quiet.float().mean()),
+            observe_weight=float(weight[quiet][0]) if quiet.any() else float("nan"),
+            acting_to_observe=float(weight[~quiet].sum() / weight[quiet].sum())
+            if quiet.any()
+            else float("inf"),
+        )
 
 
 def fit(

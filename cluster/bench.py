@@ -97,6 +97,50 @@ def bench_training(
     }
 
 
+def bench_labels(
+    config: str,
+    *,
+    kind: str = "hierarchical",
+    overrides: dict[str, Any] | None = None,
+    steps: int = 40_000,
+    seed: int = 1,
+) -> list[Any]:
+    """The label balance of a warm start's first round (the teacher acting, ``steps`` pipeline
+    steps of ``config``'s training mix) per role: how many labels, the share that say
+    ``observe``, and the weight the loss gives acting labels against observe ones
+    (``agents.warm_start.LabelBalance``)."""
+    from agents.ppo_config import load_train_config
+    from agents.warm_start import LabelBalance, collect
+
+    cfg = load_train_config(config, kind=kind)
+    ws = _warm_start_settings(cfg, config, overrides)
+    samples, _ = collect(
+        cfg.env_config(),
+        None,
+        steps=steps,
+        teacher_share=1.0,
+        pipelines=ws.pipelines,
+        seed=seed,
+        observe_keep=ws.specialist_observe_keep,
+        teacher=ws.teacher,
+        teacher_waits=ws.teacher_waits,
+        specialists_wait=ws.specialists_wait,
+    )
+    return [LabelBalance.of(role, s.label, ws) for role, s in sorted(samples.items()) if s.label]
+
+
+def _warm_start_settings(cfg, config: str, overrides: dict[str, Any] | None):
+    """``cfg``'s warm-start settings with ``overrides`` (``--set``), validated."""
+    from agents.warm_start import WarmStartConfig
+    from envs.config_files import validated
+
+    return validated(
+        WarmStartConfig,
+        {**cfg.warm_start.model_dump(), **(overrides or {})},
+        where=f"{config}: warm_start (with --set)",
+    )
+
+
 def bench_imitation(
     config: str,
     *,
@@ -118,18 +162,12 @@ def bench_imitation(
 
     from agents.inference import export_bundle
     from agents.ppo_config import load_train_config
-    from agents.warm_start import WarmStartConfig
     from cluster.cli_output import console
     from cluster.train import evaluate_bundle, imitate, initial_nets, review_seed, validation_score
-    from envs.config_files import validated
 
     cfg = load_train_config(config, kind=kind)
     episodes = episodes or cfg.eval_episodes
-    ws = validated(
-        WarmStartConfig,
-        {**cfg.warm_start.model_dump(), **(overrides or {})},
-        where=f"{config}: warm_start (with --set)",
-    )
+    ws = _warm_start_settings(cfg, config, overrides)
     nets = initial_nets(cfg)  # what training's warm start begins from, too
     t0 = time.perf_counter()
     steps = imitate(nets, cfg, ws, console)

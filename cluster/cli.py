@@ -571,16 +571,32 @@ def train(
     )
 
 
+def warm_start_overrides(items: list[str] | None) -> dict[str, object]:
+    """``--set KEY=VALUE`` options (YAML values) as a dict; a malformed one fails the command."""
+    import yaml
+
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(PipemedicError(f"--set takes KEY=VALUE, got {item!r}"))
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            fail(PipemedicError(f"--set {key.strip()}: the value is not YAML ({exc})"))
+    return overrides
+
+
+SET_OPTION = typer.Option(
+    "--set", help="Override a warm_start setting, KEY=VALUE (YAML value; repeatable)."
+)
+
+
 @bench_app.command("imitation")
 def bench_imitation_cmd(
     config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
     kind: Annotated[str, typer.Option(help="hierarchical or flat")] = "hierarchical",
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="Override a warm_start setting, KEY=VALUE (YAML value; repeatable)."
-        ),
-    ] = None,
+    set_: Annotated[list[str] | None, SET_OPTION] = None,
     save: Annotated[
         Path | None, typer.Option(help="Also write the student as a policy bundle: SAVE/policy.")
     ] = None,
@@ -591,21 +607,13 @@ def bench_imitation_cmd(
 ) -> None:
     """The warm start alone, no PPO: imitate the teacher, then the validation score and the
     held-out metrics a training review would log, overall, per scenario and per fault type."""
-    import yaml
-
     from cluster.bench import bench_imitation
 
-    overrides = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(PipemedicError(f"--set takes KEY=VALUE, got {item!r}"))
-        overrides[key.strip()] = yaml.safe_load(value)
     try:
         r = bench_imitation(
             str(config),
             kind=kind,
-            overrides=overrides,
+            overrides=warm_start_overrides(set_),
             save=str(save) if save else None,
             episodes=episodes,
         )
@@ -627,6 +635,48 @@ def bench_imitation_cmd(
     report = {"policies": {"student": r}}
     print_report(report, per_scenario=True)
     print_per_fault(report)
+
+
+@bench_app.command("labels")
+def bench_labels_cmd(
+    config: Annotated[Path, typer.Option(help="Training config.")] = Path("configs/train.yaml"),
+    kind: Annotated[str, typer.Option(help="hierarchical or flat")] = "hierarchical",
+    set_: Annotated[list[str] | None, SET_OPTION] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Simulated pipeline steps.")] = 40_000,
+    seed: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """The warm start's label balance per role, on its first round's data (the teacher
+    acting): labels, the share that say observe, and the weight the imitation loss gives the
+    acting labels against the observe ones."""
+    from cluster.bench import bench_labels
+
+    try:
+        rows = bench_labels(
+            str(config), kind=kind, overrides=warm_start_overrides(set_), steps=steps, seed=seed
+        )
+    except PipemedicError as exc:
+        fail(exc)
+    table = Table(
+        title=f"Warm-start labels, {kind}, first round ({config}, {steps:,} pipeline steps)",
+        title_justify="left",
+    )
+    for column in ("role", "samples", "labels", "observe share", "weight / observe label"):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    table.add_column("acting : observe weight", justify="right")
+    for r in rows:
+        table.add_row(
+            r.role,
+            f"{r.samples:,}",
+            str(r.labels),
+            f"{r.observe_share:.1%}",
+            f"{r.observe_weight:.3f}",
+            f"{r.acting_to_observe:.2f}",
+        )
+    console.print(table)
+    console.print(
+        "A label weighs (samples / labels) / its own count, capped at max_class_weight; "
+        "observe labels weigh observe_weight instead where it names the role."
+    )
 
 
 def stored_policies(spec: str) -> list[LearnedPolicy]:

@@ -739,6 +739,29 @@ def test_bench_imitation_prints_the_students_figures_per_fault(tmp_path):
     assert "lists no held_out scenarios" in result.output
 
 
+def test_bench_labels_prints_each_roles_balance_and_refuses_a_bad_override(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    config = str(tiny_config(tmp_path))
+    small = ["--steps", "2000", "--set", "pipelines=8"]
+    result = CliRunner().invoke(
+        app,
+        ["bench", "labels", "--config", config, *small, "--set", "observe_weight={master: 0.05}"],
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line.split() for line in result.output.splitlines() if "│" in line}
+    assert {"master", "infra"} <= set(rows)
+    assert rows["master"][9] == "0.050"  # the override, not the frequency weight
+    assert rows["infra"][9] != "0.050"
+    result = CliRunner().invoke(
+        app, ["bench", "labels", "--config", config, *small, "--set", "observe_weight={mastr: 1}"]
+    )
+    assert result.exit_code == 2
+    assert "mastr" in result.output and "Traceback" not in result.output
+
+
 def test_both_train_commands_take_the_same_options():
     """`pipemedic train` and `python -m cluster.train` are one command under two names."""
     import typer.main

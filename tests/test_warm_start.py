@@ -11,6 +11,7 @@ import torch
 from agents.inference import agent_sizes
 from agents.networks import PolicyValueNet
 from agents.warm_start import (
+    LabelBalance,
     WarmStartConfig,
     _domain_labels,
     class_weight_cap,
@@ -226,3 +227,17 @@ def test_observe_weight_sets_that_roles_observe_labels_only():
 def test_observe_weight_refuses_unknown_roles_and_weights_not_above_zero(weights, named):
     with pytest.raises(ValueError, match=named):
         WarmStartConfig(observe_weight=weights)
+
+
+def test_label_balance_reports_the_weight_of_acting_against_observe_labels():
+    observe = LAYOUTS["master"].encode("observe")
+    infra = LAYOUTS["master"].encode("delegate_infra")
+    label = [observe] * 8 + [infra] * 2
+    # Frequency weights: observe (10 / 2) / 8 = 0.625 each, delegate_infra 2.5 capped at 1.
+    b = LabelBalance.of("master", label, WarmStartConfig(max_class_weight=1.0))
+    assert (b.samples, b.labels) == (10, 2)
+    assert b.observe_share == pytest.approx(0.8)
+    assert b.observe_weight == pytest.approx(0.625)
+    assert b.acting_to_observe == pytest.approx(2 / (8 * 0.625))
+    cfg = WarmStartConfig(max_class_weight=1.0, observe_weight={"master": 0.05})
+    assert LabelBalance.of("master", label, cfg).acting_to_observe == pytest.approx(2 / 0.4)
