@@ -754,6 +754,68 @@ def bench_leak_cmd(
     )
 
 
+@bench_app.command("validation")
+def bench_validation_cmd(
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
+        ),
+    ] = "hierarchical,flat",
+    config: Annotated[
+        Path, typer.Option(help="Training config: its validation set and reward weights.")
+    ] = Path("configs/train.yaml"),
+) -> None:
+    """The validation score of each version, with its own decision rule, split by validation
+    scenario and by term of the objective, and its actions while no fault was open."""
+    from agents.ppo_config import load_train_config
+    from cluster.train import PENALTY_TERMS, validation_penalties
+
+    try:
+        learned = stored_policies(policy)
+        figures = [
+            (
+                p,
+                validation_penalties(
+                    p, load_train_config(config, kind=p.name), count_idle_actions=True
+                ),
+            )
+            for p in learned
+        ]
+    except PipemedicError as exc:
+        fail(exc)
+    for p, rows in figures:
+        table = Table(
+            title=f"Validation penalty of {p.version} ({config}; per episode, lower is better)",
+            title_justify="left",
+        )
+        table.add_column("scenario")
+        table.add_column("episodes", justify="right")
+        for term in (*PENALTY_TERMS, "total", "acts, no fault open"):
+            table.add_column(term, justify="right")
+        for r in rows:
+            terms = [f"{r.mean(t):.2f}" for t in PENALTY_TERMS]
+            table.add_row(
+                r.scenario, str(r.episodes), *terms, f"{r.total:.2f}", f"{r.idle_actions:.1f}"
+            )
+        episodes = sum(r.episodes for r in rows)
+        overall = [sum(r.mean(t) * r.episodes for r in rows) / episodes for t in PENALTY_TERMS]
+        idle = sum(r.idle_actions * r.episodes for r in rows) / episodes
+        table.add_row(
+            "all (the validation score)",
+            str(episodes),
+            *[f"{x:.2f}" for x in overall],
+            f"{sum(overall):.2f}",
+            f"{idle:.1f}",
+            style="bold",
+        )
+        console.print(table)
+    console.print(
+        "Terms weighted as in the reward (env.rewards): slo per breached step, open per step "
+        "of each open incident, lost per step's worth of records, cost per unit."
+    )
+
+
 @bench_app.command("waits")
 def bench_waits_cmd(
     policy: Annotated[

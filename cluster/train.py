@@ -69,6 +69,7 @@ from agents.networks import PolicyValueNet
 from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
 from checkpoints.storage import local_store_dir
+from envs.catalogue import ACTION_ID
 from envs.errors import CheckpointError, ConfigError, PipemedicError
 from envs.metrics import summarise
 from envs.multi_agent_env import ScenarioMix
@@ -230,6 +231,82 @@ def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     return [*mix.files, random]
 
 
+#: The terms of the validation penalty, in the order they are summed.
+PENALTY_TERMS: tuple[str, ...] = ("slo", "open", "lost", "cost")
+
+
+@dataclass(frozen=True)
+class ValidationPenalty:
+    """One validation scenario's penalty, per episode and per term of the training objective,
+    each weighted as in the reward (``PENALTY_TERMS``): SLO-breach steps × ``rewards.slo``,
+    incident-open steps × ``rewards.open``, records lost in steps' worth of inflow ×
+    ``rewards.lost``, replica and action cost × ``rewards.cost``. ``idle_actions``: per
+    episode, the policy's actions (anything but ``observe``) on steps with no fault active,
+    when asked for (it needs the simulator's ground truth)."""
+
+    scenario: str
+    per_episode: np.ndarray  # (episodes, len(PENALTY_TERMS))
+    idle_actions: float | None = None
+
+    @property
+    def episodes(self) -> int:
+        return len(self.per_episode)
+
+    def mean(self, term: str) -> float:
+        return float(self.per_episode[:, PENALTY_TERMS.index(term)].mean())
+
+    @property
+    def total(self) -> float:
+        """Mean penalty per episode, all terms."""
+        return float(self.per_episode.sum(axis=1).mean())
+
+
+class _IdleActionCounter:
+    """Wraps a policy and counts its actions (anything but ``observe``) on steps where the
+    simulator has no fault active. It asks for the ground truth and keeps it from the
+    wrapped policy, which decides on telemetry alone as before."""
+
+    needs_ground_truth = True
+
+    def __init__(self, policy: LearnedPolicy):
+        self.policy, self.name, self.count = policy, policy.name, 0
+
+    def reset(self, ctx) -> None:
+        self.policy.reset(ctx)
+
+    def act(self, telemetry, truth):
+        action, stage = self.policy.act(telemetry)
+        quiet = ~truth.active.any(axis=1)
+        self.count += int(((action != ACTION_ID["observe"]) & quiet).sum())
+        return action, stage
+
+
+def validation_penalties(
+    policy: LearnedPolicy, cfg: TrainConfig, *, count_idle_actions: bool = False
+) -> list[ValidationPenalty]:
+    """``policy``, with its own decision rule, on every validation scenario (see
+    ``ValidationPenalty``); ``validation_score`` is the mean total over all their episodes."""
+    params = load_sim_params(cfg.env.sim_config)
+    w = cfg.env.rewards
+    out = []
+    for scenario in validation_scenarios(cfg):
+        seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
+        runner = _IdleActionCounter(policy) if count_idle_actions else policy
+        per_step = scenario.load.base_rps * STEP_SECONDS
+        parts = [
+            (
+                w.slo * (m.steps - m.slo_ok_steps),
+                w.open * sum(o.recovery_steps for o in m.incidents),
+                w.lost * m.records_lost / per_step,
+                w.cost * m.cost,
+            )
+            for m in rollout(runner, scenario, seeds, params=params)
+        ]
+        idle = runner.count / len(seeds) if count_idle_actions else None
+        out.append(ValidationPenalty(scenario.name, np.array(parts, dtype=np.float64), idle))
+    return out
+
+
 def validation_score(
     bundle: Path,
     cfg: TrainConfig,
@@ -239,23 +316,14 @@ def validation_score(
     """The training objective measured on the validation set with the greedy policy (or with
     ``act_threshold`` / ``hand_raise``): the mean per-episode penalty (SLO-breach steps,
     incident-open steps, records lost in steps' worth, cost) with the reward weights. Lower is
-    better; it picks the exported policy."""
-    params = load_sim_params(cfg.env.sim_config)
-    w = cfg.env.rewards
-    total, episodes = 0.0, 0
+    better; it picks the exported policy. ``validation_penalties`` splits it up."""
     policy = LearnedPolicy.load(bundle)
     policy.act_threshold = act_threshold  # None is greedy, whatever the bundle says
     policy.hand_raise = hand_raise
-    for scenario in validation_scenarios(cfg):
-        seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
-        for m in rollout(policy, scenario, seeds, params=params):
-            per_step = scenario.load.base_rps * STEP_SECONDS
-            total += (
-                w.slo * (m.steps - m.slo_ok_steps)
-                + w.open * sum(o.recovery_steps for o in m.incidents)
-                + w.lost * m.records_lost / per_step
-                + w.cost * m.cost
-            )
+    total, episodes = 0.0, 0
+    for scenario in validation_penalties(policy, cfg):
+        for slo, open_, lost, cost in scenario.per_episode.tolist():  # the order it always had
+            total += slo + open_ + lost + cost
             episodes += 1
     return total / episodes
 

@@ -1,0 +1,107 @@
+"""The validation score split by scenario and term (``pipemedic bench validation``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.inference import LearnedPolicy, export_bundle, fresh_nets, manifest_for
+from agents.ppo_config import TrainConfig
+from cluster.train import PENALTY_TERMS, validation_penalties, validation_score
+from envs.catalogue import STAGES
+from envs.observation import LAYOUTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(**rewards: float) -> TrainConfig:
+    """The lone-leak scenario and the random one validation always adds, 2 episodes each."""
+    return TrainConfig.model_validate(
+        {
+            "kind": "flat",
+            "eval_episodes": 2,
+            "env": {
+                "scenarios": [str(ROOT / "configs/scenarios/memory-leak.yaml")],
+                "random": {"share": 0.0, "duration_steps": 60},
+                "max_episode_steps": 120,
+                "rewards": rewards,
+            },
+        }
+    )
+
+
+def _flat(action: str, slot: int = 0):
+    """Fresh small flat nets that all but always pick ``action`` at ``slot``."""
+    nets = fresh_nets("flat", hidden=(8,))
+    with torch.no_grad():
+        nets["flat"].pi[-1].bias[LAYOUTS["flat"].encode(action, slot)] = 50.0
+    return nets
+
+
+def test_the_terms_add_up_to_the_validation_score(tmp_path):
+    cfg = _config()
+    nets = _flat("observe")
+    rows = validation_penalties(LearnedPolicy(manifest_for("flat", nets, {}), nets), cfg)
+    assert [r.scenario for r in rows] == ["memory-leak", "validation-random"]
+    assert all(r.episodes == 2 for r in rows)
+    # Nobody cures the leak: its incident is open to the end of the episode.
+    assert rows[0].mean("open") > 0
+    bundle = export_bundle(tmp_path / "policy", "flat", nets, {})
+    mean_total = sum(r.total * r.episodes for r in rows) / sum(r.episodes for r in rows)
+    assert validation_score(bundle, cfg) == pytest.approx(mean_total, rel=1e-12)
+    assert sum(rows[0].mean(t) for t in PENALTY_TERMS) == pytest.approx(rows[0].total)
+
+
+def test_each_term_carries_its_reward_weight():
+    nets = _flat("observe")
+    policy = LearnedPolicy(manifest_for("flat", nets, {}), nets)
+    default = validation_penalties(policy, _config())
+    no_cost = validation_penalties(policy, _config(cost=0.0))
+    double_open = validation_penalties(policy, _config(open=0.4))
+    for a, b, c in zip(default, no_cost, double_open, strict=True):
+        assert a.mean("cost") > 0 and b.mean("cost") == 0
+        assert c.mean("open") == pytest.approx(2 * a.mean("open"))
+        assert b.mean("slo") == a.mean("slo") and b.mean("lost") == a.mean("lost")
+
+
+def test_idle_actions_count_actions_while_no_fault_is_open():
+    cfg = _config()
+    waiting, restarting = _flat("observe"), _flat("restart_stage", STAGES.index("load"))
+    rows = {
+        name: validation_penalties(
+            LearnedPolicy(manifest_for("flat", nets, {}), nets), cfg, count_idle_actions=True
+        )
+        for name, nets in (("waiting", waiting), ("restarting", restarting))
+    }
+    assert all(r.idle_actions == 0 for r in rows["waiting"])
+    # Before the leak's onset no fault is open, and this policy restarts on every step.
+    assert rows["restarting"][0].idle_actions > 0
+    # Without the count the ground truth is never asked for.
+    assert validation_penalties(
+        LearnedPolicy(manifest_for("flat", restarting, {}), restarting), cfg
+    )[0].idle_actions is None
+
+
+def test_bench_validation_prints_each_scenario_and_the_score(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from agents.inference import publish_nets
+    from cluster.cli import app
+
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path / "store"))
+    nets = _flat("observe")
+    version = publish_nets("flat", nets, root=None, run_id="test", iteration=0)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(_config().model_dump(mode="json", by_alias=True)))
+    result = CliRunner().invoke(
+        app, ["bench", "validation", "--policy", f"flat:v{version}", "--config", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    score = validation_score(export_bundle(tmp_path / "policy", "flat", nets, {}), _config())
+    assert "memory-leak" in result.output and "validation-random" in result.output
+    assert f"{score:.2f}" in result.output.split("all (the validation score)")[1]
+    refused = CliRunner().invoke(app, ["bench", "validation", "--policy", "runbook"])
+    assert refused.exit_code == 2 and "learned kinds" in refused.output
