@@ -79,9 +79,12 @@ def test_idle_actions_count_actions_while_no_fault_is_open():
     # Before the leak's onset no fault is open, and this policy restarts on every step.
     assert rows["restarting"][0].idle_actions > 0
     # Without the count the ground truth is never asked for.
-    assert validation_penalties(
-        LearnedPolicy(manifest_for("flat", restarting, {}), restarting), cfg
-    )[0].idle_actions is None
+    assert (
+        validation_penalties(LearnedPolicy(manifest_for("flat", restarting, {}), restarting), cfg)[
+            0
+        ].idle_actions
+        is None
+    )
 
 
 def test_bench_validation_prints_each_scenario_and_the_score(tmp_path, monkeypatch):
