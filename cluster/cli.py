@@ -754,8 +754,8 @@ def bench_leak_cmd(
     )
 
 
-@bench_app.command("validation")
-def bench_validation_cmd(
+@bench_app.command("penalty")
+def bench_penalty_cmd(
     policy: Annotated[
         str,
         typer.Option(
@@ -763,30 +763,42 @@ def bench_validation_cmd(
         ),
     ] = "hierarchical,flat",
     config: Annotated[
-        Path, typer.Option(help="Training config: its validation set and reward weights.")
+        Path, typer.Option(help="Training config: its scenario sets and reward weights.")
     ] = Path("configs/train.yaml"),
+    on: Annotated[
+        str, typer.Option(help="validation (what training chooses by) or held-out.")
+    ] = "validation",
+    episodes: Annotated[
+        int, typer.Option(min=1, help="held-out: episodes per scenario (validation: the config's).")
+    ] = 50,
+    seed: Annotated[int, typer.Option(help="held-out: the episode seed, as in evaluate.")] = 0,
 ) -> None:
-    """The validation score of each version, with its own decision rule, split by validation
-    scenario and by term of the objective, and its actions while no fault was open."""
+    """The training objective's penalty of each version, with its own decision rule, split
+    per scenario and per term, and its actions while no fault was open: on the validation
+    set (the validation score) or on the held-out scenarios (for reporting only)."""
     from agents.ppo_config import load_train_config
-    from cluster.train import PENALTY_TERMS, validation_penalties
+    from cluster.train import PENALTY_TERMS, held_out_penalties, validation_penalties
 
+    if on not in ("validation", "held-out"):
+        fail(PipemedicError(f"--on takes validation or held-out, got {on!r}"))
     try:
-        learned = stored_policies(policy)
-        figures = [
-            (
-                p,
-                validation_penalties(
-                    p, load_train_config(config, kind=p.name), count_idle_actions=True
-                ),
-            )
-            for p in learned
-        ]
+        figures = []
+        for p in stored_policies(policy):
+            cfg = load_train_config(config, kind=p.name)
+            if on == "validation":
+                rows = validation_penalties(p, cfg, count_idle_actions=True)
+            else:
+                rows = held_out_penalties(
+                    p, cfg, episodes=episodes, seed=seed, count_idle_actions=True
+                )
+            figures.append((p, rows))
     except PipemedicError as exc:
         fail(exc)
+    overall_label = "all (the validation score)" if on == "validation" else "all"
     for p, rows in figures:
         table = Table(
-            title=f"Validation penalty of {p.version} ({config}; per episode, lower is better)",
+            title=f"Penalty of {p.version} on the {on} scenarios ({config}; per episode, "
+            "lower is better)",
             title_justify="left",
         )
         table.add_column("scenario")
@@ -798,12 +810,12 @@ def bench_validation_cmd(
             table.add_row(
                 r.scenario, str(r.episodes), *terms, f"{r.total:.2f}", f"{r.idle_actions:.1f}"
             )
-        episodes = sum(r.episodes for r in rows)
-        overall = [sum(r.mean(t) * r.episodes for r in rows) / episodes for t in PENALTY_TERMS]
-        idle = sum(r.idle_actions * r.episodes for r in rows) / episodes
+        n = sum(r.episodes for r in rows)
+        overall = [sum(r.mean(t) * r.episodes for r in rows) / n for t in PENALTY_TERMS]
+        idle = sum(r.idle_actions * r.episodes for r in rows) / n
         table.add_row(
-            "all (the validation score)",
-            str(episodes),
+            overall_label,
+            str(n),
             *[f"{x:.2f}" for x in overall],
             f"{sum(overall):.2f}",
             f"{idle:.1f}",

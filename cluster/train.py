@@ -236,8 +236,8 @@ PENALTY_TERMS: tuple[str, ...] = ("slo", "open", "lost", "cost")
 
 
 @dataclass(frozen=True)
-class ValidationPenalty:
-    """One validation scenario's penalty, per episode and per term of the training objective,
+class ScenarioPenalty:
+    """One scenario's penalty, per episode and per term of the training objective,
     each weighted as in the reward (``PENALTY_TERMS``): SLO-breach steps × ``rewards.slo``,
     incident-open steps × ``rewards.open``, records lost in steps' worth of inflow ×
     ``rewards.lost``, replica and action cost × ``rewards.cost``. ``idle_actions``: per
@@ -281,16 +281,23 @@ class _IdleActionCounter:
         return action, stage
 
 
-def validation_penalties(
-    policy: LearnedPolicy, cfg: TrainConfig, *, count_idle_actions: bool = False
-) -> list[ValidationPenalty]:
-    """``policy``, with its own decision rule, on every validation scenario (see
-    ``ValidationPenalty``); ``validation_score`` is the mean total over all their episodes."""
+def penalties(
+    policy: LearnedPolicy,
+    cfg: TrainConfig,
+    scenarios: list[Scenario],
+    *,
+    seed: int,
+    episodes: int,
+    count_idle_actions: bool = False,
+) -> list[ScenarioPenalty]:
+    """``policy``, with its own decision rule, on ``episodes`` episodes of each scenario (the
+    episodes of ``seed``, as ``pipemedic evaluate --seed`` draws them): the training
+    objective's penalty, per episode and term (``ScenarioPenalty``)."""
     params = load_sim_params(cfg.env.sim_config)
     w = cfg.env.rewards
     out = []
-    for scenario in validation_scenarios(cfg):
-        seeds = episode_seeds(scenario, cfg.seed + 2000, cfg.eval_episodes)
+    for scenario in scenarios:
+        seeds = episode_seeds(scenario, seed, episodes)
         runner = _IdleActionCounter(policy) if count_idle_actions else policy
         per_step = scenario.load.base_rps * STEP_SECONDS
         parts = [
@@ -303,8 +310,41 @@ def validation_penalties(
             for m in rollout(runner, scenario, seeds, params=params)
         ]
         idle = runner.count / len(seeds) if count_idle_actions else None
-        out.append(ValidationPenalty(scenario.name, np.array(parts, dtype=np.float64), idle))
+        out.append(ScenarioPenalty(scenario.name, np.array(parts, dtype=np.float64), idle))
     return out
+
+
+def validation_penalties(
+    policy: LearnedPolicy, cfg: TrainConfig, *, count_idle_actions: bool = False
+) -> list[ScenarioPenalty]:
+    """``penalties`` on the validation set (``validation_scenarios``, ``eval_episodes`` each,
+    on seeds training never draws); ``validation_score`` is their mean total."""
+    return penalties(
+        policy,
+        cfg,
+        validation_scenarios(cfg),
+        seed=cfg.seed + 2000,
+        episodes=cfg.eval_episodes,
+        count_idle_actions=count_idle_actions,
+    )
+
+
+def held_out_penalties(
+    policy: LearnedPolicy,
+    cfg: TrainConfig,
+    *,
+    episodes: int,
+    seed: int,
+    count_idle_actions: bool = False,
+) -> list[ScenarioPenalty]:
+    """``penalties`` on the config's held-out scenarios: the training objective where the
+    README's figures are measured. For reporting only; nothing is chosen by it."""
+    if not cfg.held_out:
+        raise ConfigError("the config lists no held_out scenarios")
+    scenarios = [load_scenario(path) for path in cfg.held_out]
+    return penalties(
+        policy, cfg, scenarios, seed=seed, episodes=episodes, count_idle_actions=count_idle_actions
+    )
 
 
 def validation_score(

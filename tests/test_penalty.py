@@ -1,4 +1,4 @@
-"""The validation score split by scenario and term (``pipemedic bench validation``)."""
+"""The training objective's penalty split by scenario and term (``pipemedic bench penalty``)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ import torch
 
 from agents.inference import LearnedPolicy, export_bundle, fresh_nets, manifest_for
 from agents.ppo_config import TrainConfig
-from cluster.train import PENALTY_TERMS, validation_penalties, validation_score
+from cluster.train import PENALTY_TERMS, held_out_penalties, validation_penalties, validation_score
 from envs.catalogue import STAGES
+from envs.errors import ConfigError
 from envs.observation import LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(**rewards: float) -> TrainConfig:
+def _config(held_out: tuple[str, ...] = (), **rewards: float) -> TrainConfig:
     """The lone-leak scenario and the random one validation always adds, 2 episodes each."""
     return TrainConfig.model_validate(
         {
             "kind": "flat",
             "eval_episodes": 2,
+            "held_out": [str(ROOT / p) for p in held_out],
             "env": {
                 "scenarios": [str(ROOT / "configs/scenarios/memory-leak.yaml")],
                 "random": {"share": 0.0, "duration_steps": 60},
@@ -87,7 +89,7 @@ def test_idle_actions_count_actions_while_no_fault_is_open():
     )
 
 
-def test_bench_validation_prints_each_scenario_and_the_score(tmp_path, monkeypatch):
+def test_bench_penalty_prints_each_scenario_and_the_validation_score(tmp_path, monkeypatch):
     import yaml
     from typer.testing import CliRunner
 
@@ -100,11 +102,39 @@ def test_bench_validation_prints_each_scenario_and_the_score(tmp_path, monkeypat
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(_config().model_dump(mode="json", by_alias=True)))
     result = CliRunner().invoke(
-        app, ["bench", "validation", "--policy", f"flat:v{version}", "--config", str(config)]
+        app, ["bench", "penalty", "--policy", f"flat:v{version}", "--config", str(config)]
     )
     assert result.exit_code == 0, result.output
     score = validation_score(export_bundle(tmp_path / "policy", "flat", nets, {}), _config())
     assert "memory-leak" in result.output and "validation-random" in result.output
     assert f"{score:.2f}" in result.output.split("all (the validation score)")[1]
-    refused = CliRunner().invoke(app, ["bench", "validation", "--policy", "runbook"])
+    refused = CliRunner().invoke(app, ["bench", "penalty", "--policy", "runbook"])
     assert refused.exit_code == 2 and "learned kinds" in refused.output
+
+
+def test_held_out_penalties_meet_the_episodes_evaluate_meets():
+    from agents.rollout import episode_seeds, rollout
+    from envs.scenario import load_scenario
+
+    cfg = _config(held_out=("configs/scenarios/leak-duplicates-timeouts.yaml",))
+    nets = _flat("observe")
+    policy = LearnedPolicy(manifest_for("flat", nets, {}), nets)
+    (row,) = held_out_penalties(policy, cfg, episodes=2, seed=0)
+    assert row.scenario == "leak-duplicates-timeouts" and row.episodes == 2
+    # The same episodes as `pipemedic evaluate --seed 0`: the open term is the incidents'
+    # recovery steps of those episodes, weighted.
+    scenario = load_scenario(ROOT / "configs/scenarios/leak-duplicates-timeouts.yaml")
+    metrics = rollout(policy, scenario, episode_seeds(scenario, 0, 2))
+    steps_open = [sum(o.recovery_steps for o in m.incidents) for m in metrics]
+    assert row.mean("open") == pytest.approx(cfg.env.rewards.open * sum(steps_open) / 2)
+    with pytest.raises(ConfigError, match="no held_out"):
+        held_out_penalties(policy, _config(), episodes=1, seed=0)
+
+
+def test_bench_penalty_refuses_an_unknown_set():
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "penalty", "--on", "test"])
+    assert result.exit_code == 2 and "--on takes validation or held-out" in result.output
