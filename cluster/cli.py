@@ -699,14 +699,14 @@ def stored_policies(spec: str) -> list[LearnedPolicy]:
     return [LearnedPolicy.from_store(kind, version=number) for kind, number in wanted]
 
 
+STORED_POLICY_OPTION = typer.Option(
+    "--policy", help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
+)
+
+
 @bench_app.command("leak")
 def bench_leak_cmd(
-    policy: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
-        ),
-    ] = "hierarchical,flat",
+    policy: Annotated[str, STORED_POLICY_OPTION] = "hierarchical,flat",
     scenario: Annotated[
         Path, typer.Option(help="A scenario with one memory leak and nothing else.")
     ] = Path("configs/scenarios/memory-leak.yaml"),
@@ -756,12 +756,7 @@ def bench_leak_cmd(
 
 @bench_app.command("penalty")
 def bench_penalty_cmd(
-    policy: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
-        ),
-    ] = "hierarchical,flat",
+    policy: Annotated[str, STORED_POLICY_OPTION] = "hierarchical,flat",
     config: Annotated[
         Path, typer.Option(help="Training config: its scenario sets and reward weights.")
     ] = Path("configs/train.yaml"),
@@ -830,12 +825,7 @@ def bench_penalty_cmd(
 
 @bench_app.command("waits")
 def bench_waits_cmd(
-    policy: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated learned kinds, each KIND (its promoted version) or KIND:vN."
-        ),
-    ] = "hierarchical,flat",
+    policy: Annotated[str, STORED_POLICY_OPTION] = "hierarchical,flat",
     config: Annotated[
         Path, typer.Option(help="Training config: its environment and warm-start teacher.")
     ] = Path("configs/train.yaml"),
