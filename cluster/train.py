@@ -641,6 +641,7 @@ def _review(
     for watching only. Updates ``state`` and ``record`` in place."""
     candidate = out / "candidate"
     nets = current_nets(algo, cfg)
+    state["reviewed_iteration"] = state["iteration"]
     info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
     export_bundle(candidate, cfg.kind, nets, info)
     rule = choose_decision_rule(candidate, cfg)
@@ -651,7 +652,6 @@ def _review(
     record["validation_score"] = round(score, 3)
     record["act_threshold"] = threshold
     record["hand_raise"] = hand
-    state["reviewed_iteration"] = state["iteration"]
     if cfg.held_out:
         record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
     version = store.publish(
@@ -671,7 +671,10 @@ def _review(
     record["version"] = version
     if score < state.get("best_score", float("inf")):
         state.update(best_score=score, best_iteration=state["iteration"], best_version=version)
-        selected = {**info, "best_score": score, "selected_iteration": state["iteration"]}
+        # The bundle's manifest says which review it is (``info`` was taken before this one
+        # became the best).
+        best = {k: state[k] for k in ("best_score", "best_iteration", "best_version")}
+        selected = {**info, **best, "selected_iteration": state["iteration"]}
         export_bundle(out / "policy", cfg.kind, nets, selected)
     if prefix:
         line = f"{prefix} validation {score:.1f} (best {state['best_score']:.1f} at iteration {state['best_iteration']})"

@@ -132,6 +132,14 @@ def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, t
         assert review["hand_raise"] in (None, {"quality": 0.5})
         stored = CheckpointStore().load("hierarchical", review["version"]).manifest
         assert stored["hand_raise"] == review["hand_raise"]
+    # The selected bundle's manifest names the review its weights come from.
+    bundle = json.loads((Path(summary["bundle"]) / "policy.json").read_text())
+    assert bundle["best_version"] == summary["best_version"]
+    assert bundle["best_iteration"] == bundle["selected_iteration"] == summary["best_iteration"]
+    chosen = CheckpointStore().load("hierarchical", summary["best_version"])
+    assert chosen.weights == {
+        a: (Path(summary["bundle"]) / f"{a}.safetensors").read_bytes() for a in chosen.weights
+    }
     logged = ReplaySampler().read(run_ids=[summary["run_id"]]).to_pylist()
     assert logged and {"master"} <= {r["agent"] for r in logged}
     for r in logged:
