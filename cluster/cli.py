@@ -772,7 +772,12 @@ def bench_penalty_cmd(
     per scenario and per term, and its actions while no fault was open: on the validation
     set (the validation score) or on the held-out scenarios (for reporting only)."""
     from agents.ppo_config import load_train_config
-    from cluster.train import PENALTY_TERMS, held_out_penalties, validation_penalties
+    from cluster.train import (
+        PENALTY_TERMS,
+        held_out_penalties,
+        validation_penalties,
+        validation_weights,
+    )
 
     if on not in ("validation", "held-out"):
         fail(PipemedicError(f"--on takes validation or held-out, got {on!r}"))
@@ -782,15 +787,17 @@ def bench_penalty_cmd(
             cfg = load_train_config(config, kind=p.name)
             if on == "validation":
                 rows = validation_penalties(p, cfg, count_idle_actions=True)
+                weights = validation_weights(cfg)
             else:
                 rows = held_out_penalties(
                     p, cfg, episodes=episodes, seed=seed, count_idle_actions=True
                 )
-            figures.append((p, rows))
+                weights = [1 / len(rows)] * len(rows)  # every scenario the same episodes
+            figures.append((p, rows, weights))
     except PipemedicError as exc:
         fail(exc)
     overall_label = "all (the validation score)" if on == "validation" else "all"
-    for p, rows in figures:
+    for p, rows, weights in figures:
         table = Table(
             title=f"Penalty of {p.version} on the {on} scenarios ({config}; per episode, "
             "lower is better)",
@@ -798,19 +805,27 @@ def bench_penalty_cmd(
         )
         table.add_column("scenario")
         table.add_column("episodes", justify="right")
+        table.add_column("weight", justify="right")
         for term in (*PENALTY_TERMS, "total", "acts, no fault open"):
             table.add_column(term, justify="right")
-        for r in rows:
+        for r, w in zip(rows, weights, strict=True):
             terms = [f"{r.mean(t):.2f}" for t in PENALTY_TERMS]
             table.add_row(
-                r.scenario, str(r.episodes), *terms, f"{r.total:.2f}", f"{r.idle_actions:.1f}"
+                r.scenario,
+                str(r.episodes),
+                f"{w:.3f}",
+                *terms,
+                f"{r.total:.2f}",
+                f"{r.idle_actions:.1f}",
             )
-        n = sum(r.episodes for r in rows)
-        overall = [sum(r.mean(t) * r.episodes for r in rows) / n for t in PENALTY_TERMS]
-        idle = sum(r.idle_actions * r.episodes for r in rows) / n
+        overall = [
+            sum(w * r.mean(t) for r, w in zip(rows, weights, strict=True)) for t in PENALTY_TERMS
+        ]
+        idle = sum(w * r.idle_actions for r, w in zip(rows, weights, strict=True))
         table.add_row(
             overall_label,
-            str(n),
+            str(sum(r.episodes for r in rows)),
+            "1",
             *[f"{x:.2f}" for x in overall],
             f"{sum(overall):.2f}",
             f"{idle:.1f}",
@@ -819,7 +834,9 @@ def bench_penalty_cmd(
         console.print(table)
     console.print(
         "Terms weighted as in the reward (env.rewards): slo per breached step, open per step "
-        "of each open incident, lost per step's worth of records, cost per unit."
+        "of each open incident, lost per step's worth of records, cost per unit. A scenario's "
+        "weight in the score: validation mirrors the training mix (env.random.share for the "
+        "random scenario); held-out weighs every scenario the same."
     )
 
 

@@ -231,6 +231,20 @@ def validation_scenarios(cfg: TrainConfig) -> list[Scenario]:
     return [*mix.files, random]
 
 
+def validation_weights(cfg: TrainConfig) -> list[float]:
+    """Each validation scenario's weight in the validation score (``validation_scenarios``
+    order), so the score mirrors the training mix: the random scenario weighs
+    ``env.random.share``, the files share the rest equally (with no files, the random one
+    weighs everything). Before this, every scenario weighed the same, so the one scenario with
+    faults at once, most like the held-out ones, counted 1/16 where training draws 60% of its
+    episodes like it (README)."""
+    files = len(validation_scenarios(cfg)) - 1
+    if files == 0:
+        return [1.0]
+    share = cfg.env.random.share
+    return [(1.0 - share) / files] * files + [share]
+
+
 #: The terms of the validation penalty, in the order they are summed.
 PENALTY_TERMS: tuple[str, ...] = ("slo", "open", "lost", "cost")
 
@@ -318,7 +332,8 @@ def validation_penalties(
     policy: LearnedPolicy, cfg: TrainConfig, *, count_idle_actions: bool = False
 ) -> list[ScenarioPenalty]:
     """``penalties`` on the validation set (``validation_scenarios``, ``eval_episodes`` each,
-    on seeds training never draws); ``validation_score`` is their mean total."""
+    on seeds training never draws); ``validation_score`` weighs their totals with
+    ``validation_weights``."""
     return penalties(
         policy,
         cfg,
@@ -354,18 +369,20 @@ def validation_score(
     hand_raise: dict[str, float] | None = None,
 ) -> float:
     """The training objective measured on the validation set with the greedy policy (or with
-    ``act_threshold`` / ``hand_raise``): the mean per-episode penalty (SLO-breach steps,
-    incident-open steps, records lost in steps' worth, cost) with the reward weights. Lower is
-    better; it picks the exported policy. ``validation_penalties`` splits it up."""
+    ``act_threshold`` / ``hand_raise``): the per-episode penalty (SLO-breach steps,
+    incident-open steps, records lost in steps' worth, cost) with the reward weights, averaged
+    per scenario and weighted like the training mix (``validation_weights``). Lower is better;
+    it picks the exported policy. ``validation_penalties`` splits it up."""
     policy = LearnedPolicy.load(bundle)
     policy.act_threshold = act_threshold  # None is greedy, whatever the bundle says
     policy.hand_raise = hand_raise
-    total, episodes = 0.0, 0
-    for scenario in validation_penalties(policy, cfg):
-        for slo, open_, lost, cost in scenario.per_episode.tolist():  # the order it always had
-            total += slo + open_ + lost + cost
-            episodes += 1
-    return total / episodes
+    rows = validation_penalties(policy, cfg)
+    return weighted_score(rows, validation_weights(cfg))
+
+
+def weighted_score(rows: list[ScenarioPenalty], weights: list[float]) -> float:
+    """The weighted sum of each scenario's mean penalty per episode."""
+    return float(sum(w * r.total for w, r in zip(weights, rows, strict=True)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,13 @@ import torch
 
 from agents.inference import LearnedPolicy, export_bundle, fresh_nets, manifest_for
 from agents.ppo_config import TrainConfig
-from cluster.train import PENALTY_TERMS, held_out_penalties, validation_penalties, validation_score
+from cluster.train import (
+    PENALTY_TERMS,
+    held_out_penalties,
+    validation_penalties,
+    validation_score,
+    validation_weights,
+)
 from envs.catalogue import STAGES
 from envs.errors import ConfigError
 from envs.observation import LAYOUTS
@@ -51,8 +57,9 @@ def test_the_terms_add_up_to_the_validation_score(tmp_path):
     # Nobody cures the leak: its incident is open to the end of the episode.
     assert rows[0].mean("open") > 0
     bundle = export_bundle(tmp_path / "policy", "flat", nets, {})
-    mean_total = sum(r.total * r.episodes for r in rows) / sum(r.episodes for r in rows)
-    assert validation_score(bundle, cfg) == pytest.approx(mean_total, rel=1e-12)
+    # random.share is 0 here: like the training mix, the score is the leak scenario's alone.
+    assert validation_weights(cfg) == [1.0, 0.0]
+    assert validation_score(bundle, cfg) == pytest.approx(rows[0].total, rel=1e-12)
     assert sum(rows[0].mean(t) for t in PENALTY_TERMS) == pytest.approx(rows[0].total)
 
 
@@ -138,3 +145,15 @@ def test_bench_penalty_refuses_an_unknown_set():
 
     result = CliRunner().invoke(app, ["bench", "penalty", "--on", "test"])
     assert result.exit_code == 2 and "--on takes validation or held-out" in result.output
+
+
+def test_the_validation_weights_mirror_the_training_mix():
+    from agents.ppo_config import load_train_config
+
+    cfg = load_train_config(ROOT / "configs/train.yaml")
+    weights = validation_weights(cfg)
+    assert len(weights) == len(cfg.env.scenarios) + 1 and sum(weights) == pytest.approx(1.0)
+    assert weights[-1] == cfg.env.random.share  # the random scenario, last
+    assert len(set(weights[:-1])) == 1  # the files share the rest equally
+    only_random = cfg.model_copy(update={"env": cfg.env.model_copy(update={"scenarios": ()})})
+    assert validation_weights(only_random) == [1.0]
