@@ -4,7 +4,8 @@
 
 Used by ``tests/test_serve_haproxy.py``: Serve reads the ingress settings from the environment
 when its processes start, so this runs in its own process with its own Ray, apart from the test
-session's. Prints ``READY URL`` once the endpoint answers, serves until stdin closes.
+session's. Prints ``READY URL`` once HAProxy routes on the header over both replicas,
+serves until stdin closes.
 """
 
 from __future__ import annotations
@@ -45,26 +46,55 @@ def main(store: str, port: int) -> None:
 
 
 def _wait_for_replicas(url: str, n: int, timeout: float = 180.0) -> None:
-    """Until HAProxy has ``n`` replicas to choose from: the hash of the routing header maps onto
-    the servers HAProxy knows, so a replica joining later would move pipelines. Without the
-    header HAProxy goes round robin, so ``n`` distinct answering replicas show they are all in."""
+    """Until HAProxy itself routes on the header over all ``n`` replicas.
+
+    While replicas start, HAProxy's backend may not list them all yet, and with none listed it
+    forwards to its fallback, Serve's own proxy, which reaches every replica but ignores the
+    header. Distinct replicas answering therefore prove nothing (a CI run failed that way: the
+    first pipeline moved when HAProxy reloaded with the second replica). What does prove it:
+    a set of probe pipelines, each asked three times per round, routed identically in two
+    rounds in a row, with all ``n`` replicas among the answers. The fallback would scatter
+    them; a backend short of replicas would not cover ``n``.
+    """
     import time
 
     import requests
 
     from serve.app import REPLICA_HEADER
+    from serve.settings import PIPELINE_HEADER
     from tests.serve_helpers import snapshot
 
-    seen: set[str] = set()
+    probes = [f"warm-up-{i}" for i in range(8)]
+
+    def one_round() -> dict[str, frozenset[str]] | None:
+        seen: dict[str, frozenset[str]] = {}
+        for p in probes:
+            replicas = set()
+            for _ in range(3):
+                r = requests.post(
+                    f"{url}/v1/decide", json=snapshot(p), headers={PIPELINE_HEADER: p}, timeout=30
+                )
+                if r.status_code != 200:
+                    return None
+                replicas.add(r.headers[REPLICA_HEADER])
+            seen[p] = frozenset(replicas)
+        return seen
+
+    previous = None
     deadline = time.monotonic() + timeout
-    while len(seen) < n:
+    while True:
+        current = one_round()
+        if (
+            current is not None
+            and current == previous
+            and all(len(r) == 1 for r in current.values())
+            and len(frozenset.union(*current.values())) == n
+        ):
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only replicas {sorted(seen)} answered within {timeout:.0f} s")
-        r = requests.post(f"{url}/v1/decide", json=snapshot("warm-up"), timeout=30)
-        if r.status_code == 200:
-            seen.add(r.headers[REPLICA_HEADER])
-        else:
-            time.sleep(0.5)
+            raise TimeoutError(f"HAProxy's routing was not stable over {n} replicas: {current}")
+        previous = current
+        time.sleep(1.0)
 
 
 if __name__ == "__main__":
