@@ -51,8 +51,10 @@ class PPOSection(_Strict):
     hidden: tuple[int, ...] = (128, 128)
     train_modules: tuple[str, ...] = Field(
         (),
-        description="modules PPO updates (empty: all); the others keep their warm-start "
-        "weights, e.g. [master] fine-tunes the routing over fixed specialists",
+        description="hierarchy modules PPO updates (empty: all); the others keep their "
+        "warm-start weights, e.g. [master] fine-tunes the routing over fixed specialists. "
+        "A flat policy has one module and always trains it, so flat ignores this list, and "
+        "one config serves both kinds",
     )
 
 
@@ -110,14 +112,18 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _train_modules_exist(self) -> TrainConfig:
-        known = AGENTS_OF_KIND[self.kind]
+        known = AGENTS_OF_KIND["hierarchical"]
         unknown = [m for m in self.ppo.train_modules if m not in known]
         if unknown:
             raise ValueError(
-                f"ppo.train_modules: no module {unknown[0]!r} in a {self.kind} policy; "
-                f"allowed: {', '.join(known)}"
+                f"ppo.train_modules: no module {unknown[0]!r} in a hierarchical policy; "
+                f"allowed: {', '.join(known)} (a flat policy always trains its one module)"
             )
         return self
+
+    def modules_to_train(self) -> tuple[str, ...]:
+        """The modules PPO updates in this kind's run; empty means all of them."""
+        return self.ppo.train_modules if self.kind == "hierarchical" else ()
 
     def env_config(self) -> EnvConfig:
         """The environment's config with files already read, so workers need no file access
@@ -188,7 +194,7 @@ def build_ppo_config(cfg: TrainConfig, *, run_id: str | None = None):
         .multi_agent(
             policies=set(agents),
             policy_mapping_fn=_map_agent_to_module,
-            policies_to_train=list(p.train_modules) or None,
+            policies_to_train=list(cfg.modules_to_train()) or None,
         )
         .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=module_specs))
         .callbacks(**callbacks)

@@ -207,10 +207,11 @@ def _check_resumable(saved_config: Path, cfg: TrainConfig) -> None:
                 raise CheckpointError(f"{exc}; start over with --fresh") from None
     if not saved_config.exists():
         return
-    before = json.loads(saved_config.read_text()).get("ppo", {}).get("train_modules", [])
-    if list(before) != list(cfg.ppo.train_modules):
+    saved = json.loads(saved_config.read_text())
+    before = saved.get("ppo", {}).get("train_modules", []) if cfg.kind == "hierarchical" else []
+    if list(before) != list(cfg.modules_to_train()):
         raise ConfigError(
-            f"ppo.train_modules is {list(cfg.ppo.train_modules)} but the run in "
+            f"ppo.train_modules is {list(cfg.modules_to_train())} but the run in "
             f"{saved_config.parent} was started with {list(before)}; the checkpoint would keep "
             "the old setting. Start over with --fresh, or train into another folder."
         )

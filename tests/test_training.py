@@ -506,9 +506,25 @@ def test_config_errors_name_the_key(tmp_path):
     both = tiny_config(tmp_path, held_out=[str(ROOT / EASY)])
     with pytest.raises(ConfigError, match="must not be trained on"):
         load_train_config(both)
-    frozen = tiny_config(tmp_path, ppo={"train_modules": ["master"]})
-    with pytest.raises(ConfigError, match="ppo.train_modules: no module 'master' in a flat"):
-        load_train_config(frozen, kind="flat")
+    typo = tiny_config(tmp_path, ppo={"train_modules": ["infr"]})
+    with pytest.raises(ConfigError, match="ppo.train_modules: no module 'infr' in a hier"):
+        load_train_config(typo)
+    with pytest.raises(ConfigError, match="ppo.train_modules: no module 'flat' in a hier"):
+        load_train_config(tiny_config(tmp_path, ppo={"train_modules": ["flat"]}))
+
+
+def test_one_config_with_frozen_hierarchy_modules_trains_flat_too(tmp_path):
+    """``ppo.train_modules`` is a hierarchy setting: the default config freezes the master,
+    and ``--kind flat`` with that same config must still train flat's one module."""
+    frozen = tiny_config(tmp_path, ppo={"train_modules": ["drift", "infra", "quality"]})
+    assert load_train_config(frozen).modules_to_train() == ("drift", "infra", "quality")
+    flat = load_train_config(frozen, kind="flat")
+    assert flat.modules_to_train() == ()
+    assert build_ppo_config(flat).policies_to_train is None
+    # A flat run resumes whatever the list said when it started: flat ignored it then too.
+    (tmp_path / "config.json").write_text(flat.model_dump_json(by_alias=True))
+    unfrozen = load_train_config(tiny_config(tmp_path, ppo={"train_modules": []}), kind="flat")
+    _check_resumable(tmp_path / "config.json", unfrozen)
 
 
 def _train_args(config: Path, out: Path, *extra: str) -> list[str]:
