@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from agents.inference import LearnedPolicy, load_bundle
+from agents.inference import AGENTS_OF_KIND, LearnedPolicy, load_bundle
 from agents.policy import EpisodeContext
 from agents.ppo_config import build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
@@ -345,6 +345,15 @@ def test_a_sure_specialist_raises_its_hand_while_the_master_observes(tmp_path):
     export_bundle(tmp_path / "flat", "flat", fresh_nets("flat", hidden=(8,)), {})
     with pytest.raises(CheckpointError, match="hierarchical policies only"):
         LearnedPolicy.load(tmp_path / "flat", hand_raise={"infra": 0.5})
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "flat"])
+@pytest.mark.parametrize("config", ["configs/train.yaml", "configs/train-quick.yaml"])
+def test_the_shipped_configs_load_for_both_kinds(config, kind):
+    """The README trains both kinds from one config file; each must load and build for both."""
+    cfg = load_train_config(ROOT / config, kind=kind)
+    assert cfg.kind == kind
+    assert set(build_ppo_config(cfg).policies) == set(AGENTS_OF_KIND[kind])
 
 
 def test_hand_raise_thresholds_name_specialists():
