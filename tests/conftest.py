@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,10 +12,21 @@ from envs.catalogue import FAULT_STAGES
 from envs.scenario import Scenario
 
 
+_THROWAWAY_STORE: list[str] = []
+
+
 def pytest_configure(config):
     """Every test writes its Delta tables to a throwaway store, never to ./store. Set before
     any Ray worker starts, so workers inherit it (cluster.ray_runtime passes PIPEMEDIC_*)."""
-    os.environ["PIPEMEDIC_STORE_URI"] = tempfile.mkdtemp(prefix="pipemedic-test-store-")
+    store = tempfile.mkdtemp(prefix="pipemedic-test-store-")
+    _THROWAWAY_STORE.append(store)
+    os.environ["PIPEMEDIC_STORE_URI"] = store
+
+
+def pytest_unconfigure(config):
+    """The throwaway store goes when the session ends (each session used to leave one in /tmp)."""
+    for store in _THROWAWAY_STORE:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
