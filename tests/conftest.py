@@ -11,7 +11,6 @@ import pytest
 from envs.catalogue import FAULT_STAGES
 from envs.scenario import Scenario
 
-
 _THROWAWAY_STORE: list[str] = []
 
 
