@@ -205,13 +205,12 @@ def _check_resumable(saved_config: Path, cfg: TrainConfig) -> None:
                 check_sizes(agent, spec, where=f"the run in {saved_config.parent}")
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}; start over with --fresh") from None
-    if not saved_config.exists():
-        return
-    saved = json.loads(saved_config.read_text())
-    before = saved.get("ppo", {}).get("train_modules", []) if cfg.kind == "hierarchical" else []
-    if list(before) != list(cfg.modules_to_train()):
+    if not saved_config.exists() or cfg.kind == "flat":
+        return  # flat trains its one module whatever the list says
+    before = json.loads(saved_config.read_text()).get("ppo", {}).get("train_modules", [])
+    if list(before) != list(cfg.ppo.train_modules):
         raise ConfigError(
-            f"ppo.train_modules is {list(cfg.modules_to_train())} but the run in "
+            f"ppo.train_modules is {list(cfg.ppo.train_modules)} but the run in "
             f"{saved_config.parent} was started with {list(before)}; the checkpoint would keep "
             "the old setting. Start over with --fresh, or train into another folder."
         )
