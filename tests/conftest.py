@@ -11,21 +11,19 @@ import pytest
 from envs.catalogue import FAULT_STAGES
 from envs.scenario import Scenario
 
-_THROWAWAY_STORE: list[str] = []
+_THROWAWAY_STORE = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
     """Every test writes its Delta tables to a throwaway store, never to ./store. Set before
     any Ray worker starts, so workers inherit it (cluster.ray_runtime passes PIPEMEDIC_*)."""
-    store = tempfile.mkdtemp(prefix="pipemedic-test-store-")
-    _THROWAWAY_STORE.append(store)
-    os.environ["PIPEMEDIC_STORE_URI"] = store
+    config.stash[_THROWAWAY_STORE] = tempfile.mkdtemp(prefix="pipemedic-test-store-")
+    os.environ["PIPEMEDIC_STORE_URI"] = config.stash[_THROWAWAY_STORE]
 
 
 def pytest_unconfigure(config):
     """The throwaway store goes when the session ends (each session used to leave one in /tmp)."""
-    for store in _THROWAWAY_STORE:
-        shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(config.stash[_THROWAWAY_STORE], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

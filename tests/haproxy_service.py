@@ -66,30 +66,26 @@ def _wait_for_replicas(url: str, n: int, timeout: float = 180.0) -> None:
 
     probes = [f"warm-up-{i}" for i in range(8)]
 
-    def one_round() -> dict[str, frozenset[str]] | None:
-        seen: dict[str, frozenset[str]] = {}
+    def one_round() -> dict[str, str] | None:
+        """Each probe's replica, or None if a probe met two replicas or a request failed."""
+        routed: dict[str, str] = {}
         for p in probes:
-            replicas = set()
             for _ in range(3):
                 r = requests.post(
                     f"{url}/v1/decide", json=snapshot(p), headers={PIPELINE_HEADER: p}, timeout=30
                 )
                 if r.status_code != 200:
                     return None
-                replicas.add(r.headers[REPLICA_HEADER])
-            seen[p] = frozenset(replicas)
-        return seen
+                replica = r.headers[REPLICA_HEADER]
+                if routed.setdefault(p, replica) != replica:
+                    return None
+        return routed
 
     previous = None
     deadline = time.monotonic() + timeout
     while True:
         current = one_round()
-        if (
-            current is not None
-            and current == previous
-            and all(len(r) == 1 for r in current.values())
-            and len(frozenset.union(*current.values())) == n
-        ):
+        if current is not None and current == previous and len(set(current.values())) == n:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"HAProxy's routing was not stable over {n} replicas: {current}")
