@@ -767,10 +767,19 @@ def bench_penalty_cmd(
         int, typer.Option(min=1, help="held-out: episodes per scenario (validation: the config's).")
     ] = 50,
     seed: Annotated[int, typer.Option(help="held-out: the episode seed, as in evaluate.")] = 0,
+    greedy: Annotated[
+        bool,
+        typer.Option(
+            "--greedy",
+            help="Also score each version's weights greedy, without its raised hand or act "
+            "threshold: what its decision rule adds or costs.",
+        ),
+    ] = False,
 ) -> None:
     """The training objective's penalty of each version, with its own decision rule, split
     per scenario and per term, and its actions while no fault was open: on the validation
     set (the validation score) or on the held-out scenarios (for reporting only)."""
+    from agents.inference import LearnedPolicy
     from agents.ppo_config import load_train_config
     from cluster.train import (
         PENALTY_TERMS,
@@ -782,8 +791,15 @@ def bench_penalty_cmd(
     if on not in ("validation", "held-out"):
         fail(PipemedicError(f"--on takes validation or held-out, got {on!r}"))
     try:
-        figures = []
+        variants = []
         for p in stored_policies(policy):
+            variants.append((p.version, p))
+            if greedy and (p.act_threshold is not None or p.hand_raise):
+                plain = LearnedPolicy(p.manifest, p.nets)
+                plain.act_threshold = plain.hand_raise = None  # as validation_score does
+                variants.append((f"{p.version}, greedy", plain))
+        figures = []
+        for label, p in variants:
             cfg = load_train_config(config, kind=p.name)
             if on == "validation":
                 rows = validation_penalties(p, cfg, count_idle_actions=True)
@@ -793,13 +809,13 @@ def bench_penalty_cmd(
                     p, cfg, episodes=episodes, seed=seed, count_idle_actions=True
                 )
                 weights = [1 / len(rows)] * len(rows)  # every scenario the same episodes
-            figures.append((p, rows, weights))
+            figures.append((label, rows, weights))
     except PipemedicError as exc:
         fail(exc)
     overall_label = "all (the validation score)" if on == "validation" else "all"
-    for p, rows, weights in figures:
+    for label, rows, weights in figures:
         table = Table(
-            title=f"Penalty of {p.version} on the {on} scenarios ({config}; per episode, "
+            title=f"Penalty of {label} on the {on} scenarios ({config}; per episode, "
             "lower is better)",
             title_justify="left",
         )

@@ -157,3 +157,48 @@ def test_the_validation_weights_mirror_the_training_mix():
     assert len(set(weights[:-1])) == 1  # the files share the rest equally
     only_random = cfg.model_copy(update={"env": cfg.env.model_copy(update={"scenarios": ()})})
     assert validation_weights(only_random) == [1.0]
+
+
+def test_bench_penalty_greedy_scores_the_same_weights_without_their_raised_hand(
+    tmp_path, monkeypatch
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    from agents.inference import manifest_for, weights_of
+    from checkpoints.policies import CheckpointStore
+    from cluster.cli import app
+
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path / "store"))
+    # A master that always waits and an infra specialist sure it should restart a stage: only
+    # the raised hand ever acts, so greedy and the hand must score apart.
+    nets = fresh_nets("hierarchical", hidden=(8,))
+    with torch.no_grad():
+        nets["master"].pi[-1].bias[LAYOUTS["master"].encode("observe")] = 50.0
+        nets["infra"].pi[-1].bias[LAYOUTS["infra"].encode("restart_stage", 1)] = 50.0
+    hand = {"infra": 0.5}
+    version = CheckpointStore(None).publish(
+        "hierarchical",
+        weights_of(nets),
+        run_id="test",
+        iteration=0,
+        pipeline_steps=0,
+        manifest=manifest_for("hierarchical", nets, {"run_id": "test", "hand_raise": hand}),
+    )
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(_config().model_dump(mode="json", by_alias=True)))
+    args = ["bench", "penalty", "--policy", f"hierarchical:v{version}", "--config", str(config)]
+    result = CliRunner().invoke(app, [*args, "--greedy"])
+    assert result.exit_code == 0, result.output
+
+    cfg = _config().model_copy(update={"kind": "hierarchical"})
+    bundle = export_bundle(tmp_path / "policy", "hierarchical", nets, {})
+    with_hand = validation_score(bundle, cfg, hand_raise=hand)
+    greedy = validation_score(bundle, cfg)
+    assert f"{with_hand:.2f}" != f"{greedy:.2f}"
+    own, plain = result.output.split(f"Penalty of hierarchical:v{version}, greedy")
+    assert f"{with_hand:.2f}" in own.split("all (the validation score)")[1]
+    assert f"{greedy:.2f}" in plain.split("all (the validation score)")[1]
+    # Without --greedy, one table: the version with its own rule.
+    alone = CliRunner().invoke(app, args)
+    assert alone.exit_code == 0 and ", greedy" not in alone.output
