@@ -37,6 +37,14 @@ Raised hands (``hand_raise``, hierarchical only)
     ``Decision.chosen`` records for it; ``Decision.raised_hand`` marks these rows, and their
     ``Decision.confidence`` (what serving's guardrails read) is the specialist's probability. Training picks the
     thresholds (or none) by validation score (``cluster.train``).
+
+The delegation gate (``delegation_gate``, hierarchical only)
+    A learned replacement for the master's own argmax (``agents.delegation_gate``): a small
+    logistic model over the master's probabilities and each specialist's wish to act, all
+    computed on every step, that picks the master's action. ``Decision.chosen`` and
+    ``Decision.confidence`` then carry the gate's probability for the master's part;
+    ``Decision.master_probs`` stays the master network's own. A rule has the gate or an act
+    threshold / raised hands, not both.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
+from agents.delegation_gate import DelegationGate, gate_features
 from agents.networks import MASKED_LOGIT, PolicyValueNet
 from agents.policy import EpisodeContext, register_policy
 from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, STAGES
@@ -287,24 +296,68 @@ class LearnedPolicy:
         sample: bool = False,
         act_threshold: float | None = None,
         hand_raise: dict[str, float] | None = None,
+        delegation_gate: DelegationGate | None = None,
     ):
-        """``act_threshold`` and ``hand_raise`` override the bundle's own (its manifest's keys
-        of those names; absent: greedy, no raised hands); see the module docstring."""
+        """``act_threshold``, ``hand_raise`` and ``delegation_gate`` override the bundle's own
+        (its manifest's keys of those names; absent: greedy, no raised hands, no gate); see the
+        module docstring."""
         self.manifest = manifest
         self.name = manifest["kind"]
         self.nets = nets
         self.heads = {agent: NumpyPolicyHead(net) for agent, net in nets.items()}
         self.sample = sample
-        self.act_threshold = (
-            act_threshold if act_threshold is not None else manifest.get("act_threshold")
+        where = manifest.get("policy_version", "policy.json")
+        stored_gate = manifest.get("delegation_gate")
+        self.set_rule(
+            act_threshold=(
+                act_threshold if act_threshold is not None else manifest.get("act_threshold")
+            ),
+            hand_raise=hand_raise if hand_raise is not None else manifest.get("hand_raise"),
+            delegation_gate=(
+                delegation_gate
+                if delegation_gate is not None
+                else DelegationGate.from_manifest(stored_gate, where=where)
+                if stored_gate
+                else None
+            ),
         )
-        if self.act_threshold is not None and not 0 < self.act_threshold < 1:
-            raise CheckpointError(
-                f"act_threshold must lie strictly between 0 and 1, got {self.act_threshold}"
-            )
-        self.hand_raise = hand_raise if hand_raise is not None else manifest.get("hand_raise")
-        check_hand_raise(self.hand_raise, self.name)
         self._rng = np.random.default_rng(0)
+
+    def set_rule(
+        self,
+        *,
+        act_threshold: float | None = None,
+        hand_raise: dict[str, float] | None = None,
+        delegation_gate: DelegationGate | None = None,
+    ) -> None:
+        """Decide by this rule from now on (all None: greedy); a CheckpointError when the rule
+        is malformed or mixes the gate with another rule."""
+        if act_threshold is not None and not 0 < act_threshold < 1:
+            raise CheckpointError(
+                f"act_threshold must lie strictly between 0 and 1, got {act_threshold}"
+            )
+        check_hand_raise(hand_raise, self.name)
+        if delegation_gate is not None:
+            if self.name != "hierarchical":
+                raise CheckpointError(
+                    f"delegation_gate is for hierarchical policies only, not {self.name!r}"
+                )
+            if act_threshold is not None or hand_raise:
+                raise CheckpointError(
+                    "delegation_gate replaces the master's act threshold and raised hands; "
+                    "a rule may have the gate or those, not both"
+                )
+        self.act_threshold = act_threshold
+        self.hand_raise = hand_raise
+        self.delegation_gate = delegation_gate
+
+    def rule(self) -> dict[str, Any]:
+        """The decision rule in force, as ``set_rule`` takes it."""
+        return {
+            "act_threshold": self.act_threshold,
+            "hand_raise": self.hand_raise,
+            "delegation_gate": self.delegation_gate,
+        }
 
     @classmethod
     def load(cls, path: Path | str, **kw: Any) -> LearnedPolicy:
@@ -389,8 +442,15 @@ class LearnedPolicy:
         else:
             master_probs, obs, mask = self._probs("master", enc, everyone)
             inputs["master"] = (everyone, obs, mask)
-            master_choice = self._choose_top("master", master_probs)
-            probs_by_agent["master"] = (everyone, master_probs, master_choice)
+            if self.delegation_gate is not None and not self.sample:
+                gate_probs = self.delegation_gate.probs(
+                    self._gate_features(enc, master_probs), mask
+                )
+                master_choice = gate_probs.argmax(axis=1)
+                probs_by_agent["master"] = (everyone, gate_probs, master_choice)
+            else:
+                master_choice = self._choose_top("master", master_probs)
+                probs_by_agent["master"] = (everyone, master_probs, master_choice)
             choice, raised = self._raised_hands(enc, master_choice)
             for i, c in enumerate(choice):
                 if not MASTER_ACTIONS[c].startswith("delegate_"):
@@ -434,6 +494,17 @@ class LearnedPolicy:
             raised_hand=raised,
             confidence=confidence,
         )
+
+    def gate_inputs(self, enc: ObservationEncoder) -> np.ndarray:
+        """The delegation gate's features for every pipeline the encoder tracks (after
+        ``enc.update``): what fitting the gate records (``agents.delegation_gate``)."""
+        master_probs, _, _ = self._probs("master", enc, np.arange(enc.n))
+        return self._gate_features(enc, master_probs)
+
+    def _gate_features(self, enc: ObservationEncoder, master_probs: np.ndarray) -> np.ndarray:
+        everyone = np.arange(enc.n)
+        specialists = {d: self._probs(d, enc, everyone)[0] for d in DOMAINS}
+        return gate_features(master_probs, specialists)
 
     def _raised_hands(
         self, enc: ObservationEncoder, master_choice: np.ndarray

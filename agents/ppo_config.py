@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agents.delegation_gate import DelegationGateConfig
 from agents.experience_logging import ExperienceLoggingConfig
 from agents.inference import AGENTS_OF_KIND
 from agents.warm_start import WarmStartConfig
@@ -86,6 +87,11 @@ class TrainConfig(_Strict):
         description="per specialist, hand-raise thresholds tried at every review, each alone, "
         "besides none (hierarchical only; flat ignores them); the validation score picks "
         "(agents.inference)",
+    )
+    delegation_gate: DelegationGateConfig = Field(
+        DelegationGateConfig(),
+        description="a learned rule for the master's choice, fitted and scored at every review "
+        "(hierarchical only; flat ignores it; agents.delegation_gate)",
     )
     warm_start: WarmStartConfig = WarmStartConfig()
     experience: ExperienceLoggingConfig = ExperienceLoggingConfig()

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agents.delegation_gate import master_action_name
 from agents.networks import PolicyValueNet
 from agents.policy import EpisodeContext, make_policy
 from envs.catalogue import (
@@ -202,11 +203,6 @@ def _domain_labels(
     return labels
 
 
-def _master_label(action: int) -> str:
-    name = SIM_ACTIONS[action]
-    return f"delegate_{ACTION_DOMAIN[name]}" if name in ACTION_DOMAIN else name
-
-
 def _teacher_labels(env: PipelineMedicEnv, action: np.ndarray, slot: np.ndarray, role: str):
     """The teacher's (sim action, slot) per pipeline as indices in ``role``'s layout; a choice
     the role's mask forbids (or cannot express) becomes ``observe``."""
@@ -216,7 +212,7 @@ def _teacher_labels(env: PipelineMedicEnv, action: np.ndarray, slot: np.ndarray,
     for i in range(env.k):
         name = SIM_ACTIONS[action[i]]
         if role == MASTER:
-            label = layout.encode(_master_label(action[i]))
+            label = layout.encode(master_action_name(action[i]))
         elif name in layout.actions:
             label = layout.encode(name, slot[i] if name != "observe" else 0)
         else:  # a master action (escalate) asked of a specialist: it cannot say that

@@ -771,8 +771,8 @@ def bench_penalty_cmd(
         bool,
         typer.Option(
             "--greedy",
-            help="Also score each version's weights greedy, without its raised hand or act "
-            "threshold: what its decision rule adds or costs.",
+            help="Also score each version's weights greedy, without its raised hand, act "
+            "threshold or delegation gate: what its decision rule adds or costs.",
         ),
     ] = False,
 ) -> None:
@@ -794,9 +794,9 @@ def bench_penalty_cmd(
         variants = []
         for p in stored_policies(policy):
             variants.append((p.version, p))
-            if greedy and (p.act_threshold is not None or p.hand_raise):
+            if greedy and any(p.rule().values()):
                 plain = LearnedPolicy(p.manifest, p.nets)
-                plain.act_threshold = plain.hand_raise = None  # as validation_score does
+                plain.set_rule()  # greedy, as validation_score does
                 variants.append((f"{p.version}, greedy", plain))
         figures = []
         for label, p in variants:

@@ -194,14 +194,14 @@ def checkpoints_retune(
     promote: Annotated[bool, typer.Option(help="Also promote the new version.")] = False,
 ) -> None:
     """Choose the promoted version's decision rule anew by validation score (greedy, or an
-    alternative the config lists: act_thresholds, hand_raise_thresholds), as training's reviews
+    alternative the config lists: act_thresholds, hand_raise_thresholds, delegation_gate), as training's reviews
     do, and publish the same weights with the winning rule as a new version. For a policy
     trained before a rule existed; no retraining."""
     from agents.inference import export_bundle, nets_from_weights
     from agents.ppo_config import load_train_config
     from cluster.train import choose_decision_rule
 
-    rules = ("act_threshold", "hand_raise")
+    rules = ("act_threshold", "hand_raise", "delegation_gate")
     try:
         cfg = load_train_config(config, kind=kind)
         store = _store()
@@ -215,7 +215,7 @@ def checkpoints_retune(
                 bundle, cfg, on_score=lambda r: console.print(f"  {r.score:8.3f}  {r.label}")
             )
         console.print(f"best: {best.label} ({best.score:.3f})")
-        if all(stored.manifest.get(k) == getattr(best, k) for k in rules):
+        if all(stored.manifest.get(k) == v for k, v in best.manifest_entries().items()):
             console.print(f"{stored.name} already decides that way; nothing published")
             return
         version = store.publish(
@@ -226,8 +226,7 @@ def checkpoints_retune(
             pipeline_steps=stored.pipeline_steps,
             manifest={
                 **manifest,
-                "act_threshold": best.act_threshold,
-                "hand_raise": best.hand_raise,
+                **best.manifest_entries(),
                 "retuned_from": stored.name,
             },
             eval_metrics={"validation_score": best.score},

@@ -54,6 +54,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from agents.delegation_gate import DelegationGate, fit_delegation_gate
 from agents.inference import (
     AGENTS_OF_KIND,
     LearnedPolicy,
@@ -362,20 +363,15 @@ def held_out_penalties(
     )
 
 
-def validation_score(
-    bundle: Path,
-    cfg: TrainConfig,
-    act_threshold: float | None = None,
-    hand_raise: dict[str, float] | None = None,
-) -> float:
+def validation_score(bundle: Path, cfg: TrainConfig, **rule: Any) -> float:
     """The training objective measured on the validation set with the greedy policy (or with
-    ``act_threshold`` / ``hand_raise``): the per-episode penalty (SLO-breach steps,
-    incident-open steps, records lost in steps' worth, cost) with the reward weights, averaged
-    per scenario and weighted like the training mix (``validation_weights``). Lower is better;
-    it picks the exported policy. ``validation_penalties`` splits it up."""
+    the decision rule ``rule``, keywords of ``LearnedPolicy.set_rule``): the per-episode
+    penalty (SLO-breach steps, incident-open steps, records lost in steps' worth, cost) with
+    the reward weights, averaged per scenario and weighted like the training mix
+    (``validation_weights``). Lower is better; it picks the exported policy.
+    ``validation_penalties`` splits it up."""
     policy = LearnedPolicy.load(bundle)
-    policy.act_threshold = act_threshold  # None is greedy, whatever the bundle says
-    policy.hand_raise = hand_raise
+    policy.set_rule(**rule)  # no keywords is greedy, whatever the bundle says
     rows = validation_penalties(policy, cfg)
     return weighted_score(rows, validation_weights(cfg))
 
@@ -392,6 +388,7 @@ class DecisionRule:
     score: float
     act_threshold: float | None = None
     hand_raise: dict[str, float] | None = None
+    delegation_gate: DelegationGate | None = None
 
     @property
     def label(self) -> str:
@@ -399,21 +396,44 @@ class DecisionRule:
             return f"act threshold {self.act_threshold}"
         if self.hand_raise:
             return ", ".join(f"{d} raises its hand above {t}" for d, t in self.hand_raise.items())
+        if self.delegation_gate is not None:
+            return f"delegation gate, observe offset {self.delegation_gate.observe_offset}"
         return "greedy"
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.act_threshold is None and not self.hand_raise and self.delegation_gate is None
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """The rule as a bundle's manifest keeps it (``LearnedPolicy`` reads these keys)."""
+        gate = self.delegation_gate
+        return {
+            "act_threshold": self.act_threshold,
+            "hand_raise": self.hand_raise,
+            "delegation_gate": gate.to_manifest() if gate is not None else None,
+        }
 
 
 def choose_decision_rule(
     bundle: Path, cfg: TrainConfig, on_score: Callable[[DecisionRule], None] | None = None
 ) -> DecisionRule:
-    """Score the greedy rule and each alternative the config lists (``act_thresholds``, and
-    for hierarchical each of ``hand_raise_thresholds`` alone) on the validation set; the
-    lowest score wins, greedy on a tie. ``on_score`` sees every rule as it is scored."""
+    """Score the greedy rule and each alternative the config lists (``act_thresholds``; for
+    hierarchical each of ``hand_raise_thresholds`` alone, and with ``delegation_gate.enabled``
+    a gate fitted for this bundle's networks at each observe offset) on the validation set;
+    the lowest score wins, greedy on a tie. ``on_score`` sees every rule as it is scored."""
     options: list[dict[str, Any]] = [{}]
     options += [{"act_threshold": t} for t in cfg.act_thresholds]
     if cfg.kind == "hierarchical":
         options += [
             {"hand_raise": {d: t}} for d, ts in cfg.hand_raise_thresholds.items() for t in ts
         ]
+        if cfg.delegation_gate.enabled:
+            gate, facts = fit_delegation_gate(LearnedPolicy.load(bundle), cfg, seed=gate_seed(cfg))
+            log.info("delegation gate fitted: %s", facts)
+            options += [
+                {"delegation_gate": gate.with_offset(o)}
+                for o in cfg.delegation_gate.observe_offsets
+            ]
     best = None
     for option in options:
         rule = DecisionRule(validation_score(bundle, cfg, **option), **option)
@@ -422,6 +442,12 @@ def choose_decision_rule(
         if best is None or rule.score < best.score:
             best = rule
     return best
+
+
+def gate_seed(cfg: TrainConfig) -> int:
+    """The seed of the training-mix episodes a delegation gate is fitted on: neither the
+    validation episodes (``cfg.seed + 2000``) nor the reviews' held-out ones (``review_seed``)."""
+    return cfg.seed + 3000
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -661,14 +687,20 @@ def _review(
     state["reviewed_iteration"] = state["iteration"]
     info = {**state, "config": cfg.model_dump(mode="json", by_alias=True)}
     export_bundle(candidate, cfg.kind, nets, info)
-    rule = choose_decision_rule(candidate, cfg)
-    score, threshold, hand = rule.score, rule.act_threshold, rule.hand_raise
-    if threshold is not None or hand is not None:
-        info.update(act_threshold=threshold, hand_raise=hand)
+    rule_scores: dict[str, float] = {}
+    rule = choose_decision_rule(
+        candidate, cfg, on_score=lambda r: rule_scores.__setitem__(r.label, round(r.score, 3))
+    )
+    score = rule.score
+    if not rule.is_greedy:
+        info.update(rule.manifest_entries())
         export_bundle(candidate, cfg.kind, nets, info)
     record["validation_score"] = round(score, 3)
-    record["act_threshold"] = threshold
-    record["hand_raise"] = hand
+    record["rule_scores"] = rule_scores  # every rule the review tried, by label
+    record["act_threshold"] = rule.act_threshold
+    record["hand_raise"] = rule.hand_raise
+    gate = rule.delegation_gate
+    record["delegation_gate"] = gate.observe_offset if gate is not None else None
     if cfg.held_out:
         record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
     version = store.publish(
@@ -680,7 +712,7 @@ def _review(
         manifest=manifest_for(
             cfg.kind,
             nets,
-            {"run_id": state["run_id"], "act_threshold": threshold, "hand_raise": hand},
+            {"run_id": state["run_id"], **rule.manifest_entries()},
         ),
         eval_metrics={"validation_score": score, "held_out": record.get("eval", {})},
         config=cfg.model_dump(mode="json", by_alias=True),
