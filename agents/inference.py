@@ -559,5 +559,12 @@ def _factory(kind: str):
     return make
 
 
+def _versioned_factory(kind: str):
+    def make(version: int) -> LearnedPolicy:
+        return LearnedPolicy.from_store(kind, version=version)
+
+    return make
+
+
 for _kind in AGENTS_OF_KIND:
-    register_policy(_kind, _factory(_kind))
+    register_policy(_kind, _factory(_kind), versioned=_versioned_factory(_kind))

@@ -8,6 +8,7 @@ harness and the CLI never need to know which kinds exist.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,11 +49,20 @@ class Policy(Protocol):
 
 
 _REGISTRY: dict[str, Callable[[], Policy]] = {}
+_VERSIONED: dict[str, Callable[[int], Policy]] = {}
 
 
-def register_policy(name: str, factory: Callable[[], Policy]) -> None:
-    """Make ``name`` available to ``make_policy`` (and so to ``pipemedic evaluate``)."""
+def register_policy(
+    name: str,
+    factory: Callable[[], Policy],
+    *,
+    versioned: Callable[[int], Policy] | None = None,
+) -> None:
+    """Make ``name`` available to ``make_policy`` (and so to ``pipemedic evaluate``); with
+    ``versioned``, also ``name:vN``, the stored version N (the learned kinds)."""
     _REGISTRY[name] = factory
+    if versioned is not None:
+        _VERSIONED[name] = versioned
 
 
 def available_policies() -> list[str]:
@@ -61,10 +71,22 @@ def available_policies() -> list[str]:
 
 
 def make_policy(name: str) -> Policy:
-    """A fresh policy by name; an unknown name is a ConfigError listing the known ones."""
+    """A fresh policy by name, or ``KIND:vN`` for a stored version of a learned kind; an
+    unknown name is a ConfigError listing the known ones."""
     _load_builtin_policies()
+    kind, colon, version = name.partition(":")
+    if colon:
+        if kind not in _VERSIONED or not re.fullmatch(r"v[1-9]\d*", version):
+            raise ConfigError(
+                f"policy {name!r}: KIND:vN names a stored version (N from 1) of a learned kind, "
+                f"KIND one of {', '.join(sorted(_VERSIONED))}"
+            )
+        return _VERSIONED[kind](int(version[1:]))
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown policy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(
+            f"unknown policy {name!r}; available: {', '.join(sorted(_REGISTRY))} "
+            f"(and {', '.join(f'{k}:vN' for k in sorted(_VERSIONED))} for a stored version)"
+        )
     return _REGISTRY[name]()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -108,10 +109,13 @@ def evaluate(
 
 
 def _pair(text: str) -> tuple[str, str]:
-    a, sep, b = text.partition(":")
-    if not sep or not a.strip() or not b.strip():
-        raise PipemedicError(f"--compare {text!r}: expected A:B, two policy names")
-    return a.strip(), b.strip()
+    """``A:B`` of ``--compare``; either side may be a stored version, ``KIND:vN``."""
+    match = re.fullmatch(r"\s*([\w-]+(?::v\d+)?)\s*:\s*([\w-]+(?::v\d+)?)\s*", text)
+    if match is None:
+        raise PipemedicError(
+            f"--compare {text!r}: expected A:B, two policy names (each may be KIND:vN)"
+        )
+    return match.group(1), match.group(2)
 
 
 def default_pairs(policies: list[str]) -> list[tuple[str, str]]:

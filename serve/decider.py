@@ -285,7 +285,17 @@ class DecisionService:
             policy_version=policy.version,
             alternatives=alternatives(d.action_probs[i]),
             explanation=explain(
-                action, target, specialist, chosen, signals, state, mode, why, held, raised
+                action,
+                target,
+                specialist,
+                chosen,
+                signals,
+                state,
+                mode,
+                why,
+                held,
+                raised,
+                gated=policy.delegation_gate is not None,
             ),
             signals=signals,
             held_back=held,
@@ -554,10 +564,12 @@ def slo_breaches(enc: ObservationEncoder) -> list[str]:
 
 
 def explain(
-    action, target, specialist, chosen, signals, state, mode, why, held, raised=False
+    action, target, specialist, chosen, signals, state, mode, why, held, raised=False, gated=False
 ) -> str:
-    """One paragraph a person on call can act on."""
+    """One paragraph a person on call can act on. ``gated``: the master's choice came from
+    the delegation gate, which weighs the specialists' reports with the master's own view."""
     what = f"{action} on {target}" if target else action
+    master = "The master, weighing its specialists' reports," if gated else "The master"
     if raised:
         who = (
             f"The master chose to observe (p={chosen['master'][1]:.2f}), but the {specialist} "
@@ -568,12 +580,13 @@ def explain(
         p_master = chosen["master"][1]
         p_spec = chosen[specialist][1]
         who = (
-            f"The master delegated to the {specialist} specialist (p={p_master:.2f}), "
+            f"{master} delegated to the {specialist} specialist (p={p_master:.2f}), "
             f"which chose {what} (p={p_spec:.2f})."
         )
     else:
         agent = next(iter(chosen))
-        who = f"The {'policy' if agent == 'flat' else 'master'} chose {what} (p={chosen[agent][1]:.2f})."
+        top = "The policy" if agent == "flat" else master
+        who = f"{top} chose {what} (p={chosen[agent][1]:.2f})."
     parts = [who]
     if signals:
         parts.append(f"Signals: {', '.join(_describe(s) for s in signals)}.")

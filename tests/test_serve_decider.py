@@ -84,6 +84,29 @@ def test_a_raised_hand_is_as_confident_as_its_specialist_and_says_so(tmp_path):
     assert "master chose to observe" in d.explanation and "asked anyway" in d.explanation
 
 
+def test_a_gated_delegation_says_so_and_carries_the_gates_probability(tmp_path):
+    from agents.delegation_gate import FEATURES, DelegationGate
+    from envs.catalogue import MASTER_ACTIONS
+
+    nets = biased_nets(logit=8.0)  # infra sure of scale_out@transform
+    with torch.no_grad():  # but the master would wait
+        nets["master"].pi[-1].bias.zero_()
+        nets["master"].pi[-1].bias[MASTER_ACTIONS.index("observe")] = 8.0
+    # A gate that delegates to infra whatever it is shown: probability 0.8 against 0.05 each.
+    bias = np.log(np.array([0.05, 0.8, 0.05, 0.05, 0.05]))
+    gate = DelegationGate(np.zeros((len(FEATURES), len(MASTER_ACTIONS))), bias)
+    settings = ServiceSettings(
+        store_uri=str(tmp_path), guardrails=Guardrails(default_mode="autonomous")
+    )
+    policy = policy_of(nets)
+    policy.set_rule(delegation_gate=gate)
+    d = DecisionService(settings, policy=policy, clock=Clock()).decide(req())
+    assert (d.action, d.target_stage, d.specialist) == ("scale_out", "transform", "infra")
+    # The gate's 0.8 times the specialist's near-certain choice.
+    assert d.confidence == pytest.approx(0.8, abs=0.01)
+    assert "weighing its specialists' reports, delegated to the infra specialist" in d.explanation
+
+
 def test_low_confidence_escalates_and_says_why(tmp_path):
     svc = service(tmp_path, nets=biased_nets(logit=1.0), default_mode="autonomous")
     d = svc.decide(req())

@@ -705,6 +705,20 @@ def test_policy_names_load_the_promoted_version_from_the_store(tmp_path, monkeyp
     store.promote("flat", version)
     policy = make_policy("flat")
     assert policy.name == "flat" and policy.version == "flat:v1"
+    # A stored version by name, promoted or not (what `evaluate --policy flat:v2` loads).
+    store.publish(
+        "flat",
+        weights_of(nets),
+        run_id="r",
+        iteration=8,
+        pipeline_steps=200,
+        manifest=manifest_for("flat", nets, {}),
+    )
+    assert make_policy("flat:v2").version == "flat:v2" and make_policy("flat").version == "flat:v1"
+    with pytest.raises(CheckpointError, match="no version 3 of kind .flat."):
+        make_policy("flat:v3")
+    with pytest.raises(ConfigError, match="KIND:vN names a stored version"):
+        make_policy("runbook:v1")
     scenario = load_scenario(ROOT / EASY).model_copy(update={"duration_steps": 20})
     episodes = rollout(policy, scenario, episode_seeds(scenario, 0, 2))
     assert len(episodes) == 2
