@@ -192,11 +192,15 @@ def checkpoints_retune(
         Path, typer.Option(help="The training config: validation set and rules to try.")
     ] = Path("configs/train.yaml"),
     promote: Annotated[bool, typer.Option(help="Also promote the new version.")] = False,
+    version: Annotated[
+        int | None, typer.Option(min=1, help="Retune this stored version, not the promoted one.")
+    ] = None,
 ) -> None:
-    """Choose the promoted version's decision rule anew by validation score (greedy, or an
-    alternative the config lists: act_thresholds, hand_raise_thresholds, delegation_gate), as training's reviews
-    do, and publish the same weights with the winning rule as a new version. For a policy
-    trained before a rule existed; no retraining."""
+    """Choose the promoted version's (or ``--version``'s) decision rule anew by validation
+    score (greedy, or an alternative the config lists: act_thresholds, hand_raise_thresholds,
+    delegation_gate), as training's reviews do, and publish the same weights with the winning
+    rule as a new version. For a policy trained before a rule existed, or to see what a
+    version would decide by without one of the rules; no retraining."""
     from agents.inference import export_bundle, nets_from_weights
     from agents.ppo_config import load_train_config
     from cluster.train import choose_decision_rule
@@ -205,7 +209,7 @@ def checkpoints_retune(
     try:
         cfg = load_train_config(config, kind=kind)
         store = _store()
-        stored = store.load_promoted(kind)
+        stored = store.load_promoted(kind) if version is None else store.load(kind, version)
         manifest = {k: v for k, v in stored.manifest.items() if k not in rules}
         nets = nets_from_weights(stored.manifest, stored.weights, where=stored.name)
         console.print(f"{stored.name}: validation score of each decision rule (lower is better)")
@@ -218,7 +222,7 @@ def checkpoints_retune(
         if all(stored.manifest.get(k) == v for k, v in best.manifest_entries().items()):
             console.print(f"{stored.name} already decides that way; nothing published")
             return
-        version = store.publish(
+        new_version = store.publish(
             kind,
             stored.weights,
             run_id=f"{stored.run_id} {stored.name} retuned: {best.label}",
@@ -233,11 +237,11 @@ def checkpoints_retune(
             config=stored.config,
         )
         if promote:
-            store.promote(kind, version, reason=f"{stored.name} retuned: {best.label}")
+            store.promote(kind, new_version, reason=f"{stored.name} retuned: {best.label}")
     except PipemedicError as exc:
         fail(exc)
     console.print(
-        f"published {kind}:v{version} ({stored.name}'s weights, {best.label})"
+        f"published {kind}:v{new_version} ({stored.name}'s weights, {best.label})"
         + (" and promoted it" if promote else "")
     )
 

@@ -400,8 +400,49 @@ def test_retune_publishes_the_same_weights_with_the_rule_validation_prefers(tmp_
     assert LearnedPolicy.from_store("hierarchical").hand_raise == {"quality": 0.5}
     again = cli.invoke(app, ["checkpoints", "retune", "hierarchical", "--config", str(config)])
     assert again.exit_code == 0 and "already decides that way" in again.output
+    # --version retunes a stored version, here with no raised hand to try: greedy wins.
+    plain = tiny_config(tmp_path, eval_episodes=1)
+    args = ["checkpoints", "retune", "hierarchical", "--config", str(plain), "--version", "2"]
+    greedy = cli.invoke(app, args)
+    assert greedy.exit_code == 0 and "best: greedy" in greedy.output, greedy.output
+    v3 = store.load("hierarchical", 3)
+    assert v3.manifest["retuned_from"] == "hierarchical:v2" and not v3.manifest["hand_raise"]
+    assert store.promoted_version("hierarchical") == 2
     none = cli.invoke(app, ["checkpoints", "retune", "flat", "--config", str(config)])
     assert none.exit_code == 2 and "Traceback" not in none.output
+
+
+def test_a_review_fits_a_delegation_gate_and_scores_it_at_each_offset(tmp_path):
+    from agents.inference import export_bundle, fresh_nets
+    from cluster.train import choose_decision_rule
+
+    config = tiny_config(
+        tmp_path,
+        eval_episodes=1,
+        delegation_gate={
+            "enabled": True,
+            "pipeline_steps": 2 * 60 * 4,
+            "episodes_per_scenario": 4,
+            "observe_offsets": [0.0, 1.0],
+        },
+    )
+    cfg = load_train_config(config)
+    bundle = export_bundle(tmp_path / "b", "hierarchical", fresh_nets("hierarchical"), {})
+    scored = []
+    best = choose_decision_rule(bundle, cfg, on_score=scored.append)
+    assert [r.label for r in scored] == [
+        "greedy",
+        "delegation gate, observe offset 0.0",
+        "delegation gate, observe offset 1.0",
+    ]
+    assert best.score == min(r.score for r in scored)
+    gated = [r for r in scored if r.delegation_gate is not None]
+    assert np.array_equal(gated[0].delegation_gate.weights, gated[1].delegation_gate.weights)
+    # flat ignores the gate.
+    flat = export_bundle(tmp_path / "f", "flat", fresh_nets("flat"), {})
+    flat_scored = []
+    choose_decision_rule(flat, cfg.model_copy(update={"kind": "flat"}), on_score=flat_scored.append)
+    assert [r.label for r in flat_scored] == ["greedy"]
 
 
 def test_a_bundle_from_other_code_or_missing_files_is_refused(tmp_path):
