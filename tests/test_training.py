@@ -735,26 +735,22 @@ def test_policy_names_load_the_promoted_version_from_the_store(tmp_path, monkeyp
     net = PolicyValueNet(observation_size("master"), LAYOUTS["flat"].size, [8])
     nets = {"flat": net}
     store = CheckpointStore()
-    version = store.publish(
-        "flat",
-        weights_of(nets),
-        run_id="r",
-        iteration=7,
-        pipeline_steps=100,
-        manifest=manifest_for("flat", nets, {}),
-    )
-    store.promote("flat", version)
+
+    def publish(iteration: int) -> int:
+        return store.publish(
+            "flat",
+            weights_of(nets),
+            run_id="r",
+            iteration=iteration,
+            pipeline_steps=100 * iteration,
+            manifest=manifest_for("flat", nets, {}),
+        )
+
+    store.promote("flat", publish(7))
     policy = make_policy("flat")
     assert policy.name == "flat" and policy.version == "flat:v1"
     # A stored version by name, promoted or not (what `evaluate --policy flat:v2` loads).
-    store.publish(
-        "flat",
-        weights_of(nets),
-        run_id="r",
-        iteration=8,
-        pipeline_steps=200,
-        manifest=manifest_for("flat", nets, {}),
-    )
+    publish(8)
     assert make_policy("flat:v2").version == "flat:v2" and make_policy("flat").version == "flat:v1"
     with pytest.raises(CheckpointError, match="no version 3 of kind .flat."):
         make_policy("flat:v3")
