@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.policy import EpisodeContext, make_policy
 from envs.catalogue import ACTION_DOMAIN, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
@@ -43,6 +43,8 @@ from envs.observation import LAYOUTS
 if TYPE_CHECKING:
     from agents.inference import LearnedPolicy
     from agents.ppo_config import TrainConfig
+    from envs.simulator import GroundTruth
+    from envs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,16 @@ class DelegationGateConfig(BaseModel):
     )
     l2: float = Field(1e-3, ge=0, description="ridge penalty on the weights (not the biases)")
 
+    @model_validator(mode="after")
+    def _every_round_collects(self) -> DelegationGateConfig:
+        if self.pipeline_steps < self.rounds * self.episodes_per_scenario:
+            raise ValueError(
+                f"pipeline_steps ({self.pipeline_steps}) must cover at least one step of "
+                f"episodes_per_scenario ({self.episodes_per_scenario}) pipelines in each of the "
+                f"{self.rounds} rounds"
+            )
+        return self
+
 
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, _EPS, 1 - _EPS)
@@ -86,6 +98,8 @@ def gate_features(master_probs: np.ndarray, specialist_probs: dict[str, np.ndarr
     cols = [np.log(np.clip(master_probs, _EPS, 1.0))]
     for d in DOMAINS:
         p = specialist_probs[d]
+        # A specialist's acting choices are all but observe (agents.inference.ACTING, which
+        # this module cannot import: inference imports the gate).
         acting = np.ones(p.shape[1], dtype=bool)
         acting[_SPECIALIST_OBSERVE[d]] = False
         cols.append(_logit(1.0 - p[:, _SPECIALIST_OBSERVE[d]])[:, None])
@@ -93,7 +107,7 @@ def gate_features(master_probs: np.ndarray, specialist_probs: dict[str, np.ndarr
     return np.concatenate(cols, axis=1).astype(np.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value: compare by identity
 class DelegationGate:
     """Logits over ``MASTER_ACTIONS`` = features @ weights + bias; ``observe_offset`` is
     subtracted from the ``observe`` logit."""
@@ -111,28 +125,40 @@ class DelegationGate:
         return z / z.sum(axis=1, keepdims=True)
 
     def with_offset(self, offset: float) -> DelegationGate:
+        """The same fit with another ``observe_offset`` (each offset is a rule of its own)."""
         return DelegationGate(self.weights, self.bias, offset)
 
     def to_manifest(self) -> dict[str, Any]:
+        """The gate as plain JSON numbers, unrounded, so the stored gate is the scored one."""
         return {
             "features": list(FEATURES),
             "actions": list(MASTER_ACTIONS),
-            "weights": self.weights.round(6).tolist(),
-            "bias": self.bias.round(6).tolist(),
+            "weights": self.weights.tolist(),
+            "bias": self.bias.tolist(),
             "observe_offset": self.observe_offset,
         }
 
     @classmethod
-    def from_manifest(cls, entry: dict[str, Any], *, where: str = "policy.json") -> DelegationGate:
-        """The gate a manifest stores; a CheckpointError when it was fitted for other inputs."""
-        if entry.get("features") != list(FEATURES) or entry.get("actions") != list(MASTER_ACTIONS):
+    def from_manifest(cls, entry: Any, *, where: str = "policy.json") -> DelegationGate:
+        """The gate a manifest stores; a CheckpointError naming what is wrong when the entry
+        is malformed or was fitted for other inputs."""
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: delegation_gate must be a mapping, got {entry!r}")
+        missing = sorted({"features", "actions", "weights", "bias", "observe_offset"} - set(entry))
+        if missing:
+            raise CheckpointError(f"{where}: delegation_gate lacks {', '.join(missing)}")
+        if entry["features"] != list(FEATURES) or entry["actions"] != list(MASTER_ACTIONS):
             raise CheckpointError(
-                f"{where}: delegation_gate was fitted for features {entry.get('features')} and "
-                f"actions {entry.get('actions')}; this code computes {list(FEATURES)} for "
+                f"{where}: delegation_gate was fitted for features {entry['features']} and "
+                f"actions {entry['actions']}; this code computes {list(FEATURES)} for "
                 f"{list(MASTER_ACTIONS)}"
             )
-        weights = np.asarray(entry["weights"], dtype=np.float64)
-        bias = np.asarray(entry["bias"], dtype=np.float64)
+        try:
+            weights = np.asarray(entry["weights"], dtype=np.float64)
+            bias = np.asarray(entry["bias"], dtype=np.float64)
+            offset = float(entry["observe_offset"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: delegation_gate holds non-numbers: {exc}") from None
         if weights.shape != (len(FEATURES), len(MASTER_ACTIONS)) or bias.shape != (
             len(MASTER_ACTIONS),
         ):
@@ -140,7 +166,7 @@ class DelegationGate:
                 f"{where}: delegation_gate weights {weights.shape} / bias {bias.shape}, expected "
                 f"{(len(FEATURES), len(MASTER_ACTIONS))} / {(len(MASTER_ACTIONS),)}"
             )
-        return cls(weights, bias, float(entry.get("observe_offset", 0.0)))
+        return cls(weights, bias, offset)
 
 
 def fit_gate(features: np.ndarray, labels: np.ndarray, *, l2: float) -> DelegationGate:
@@ -185,13 +211,16 @@ class _GateDataRecorder:
         self.policy.reset(ctx)
         self.teacher.reset(ctx)
 
-    def act(self, telemetry, truth):
+    def act(
+        self, telemetry: Telemetry, truth: GroundTruth | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         teach_action, _ = self.teacher.act(telemetry, truth)
-        self.labels.append(
-            np.array([MASTER_ACTIONS.index(master_action_name(a)) for a in teach_action])
-        )
         enc = self.policy.encoder
         enc.update(telemetry)
+        # As the warm start labels the master: a choice its mask forbids becomes observe.
+        label = np.array([MASTER_ACTIONS.index(master_action_name(a)) for a in teach_action])
+        allowed = enc.action_mask("master")[np.arange(enc.n), label] > 0
+        self.labels.append(np.where(allowed, label, _OBSERVE))
         self.features.append(self.policy.gate_inputs(enc))
         d = self.policy.decide(enc)
         enc.record_action(d.action, d.slot)

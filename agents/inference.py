@@ -13,7 +13,7 @@ what ``--policy hierarchical`` / ``--policy flat`` mean.
 ``LearnedPolicy`` is the one code path that turns telemetry into a decision for a learned
 policy: the evaluation harness uses it for ``hierarchical`` and ``flat``, and serving will too.
 Decisions are greedy (the most probable allowed action) unless ``sample=True`` or the bundle
-carries an ``act_threshold``.
+carries another decision rule: an ``act_threshold``, raised hands or a delegation gate.
 
 The act threshold
     The top agent (``master``, or ``flat``) splits its probability between *acting* (a
@@ -42,9 +42,9 @@ The delegation gate (``delegation_gate``, hierarchical only)
     A learned replacement for the master's own argmax (``agents.delegation_gate``): a small
     logistic model over the master's probabilities and each specialist's wish to act, all
     computed on every step, that picks the master's action. ``Decision.chosen`` and
-    ``Decision.confidence`` then carry the gate's probability for the master's part;
-    ``Decision.master_probs`` stays the master network's own. A rule has the gate or an act
-    threshold / raised hands, not both.
+    ``Decision.confidence`` and ``Decision.master_probs`` then carry the gate's probabilities
+    for the master's part (the behaviour probabilities serving logs as experience). A rule has
+    the gate or an act threshold / raised hands, not both.
 """
 
 from __future__ import annotations
@@ -244,7 +244,9 @@ class Decision:
     slot: np.ndarray  # stage slots (envs.observation: STAGES order)
     stage: np.ndarray  # topology indices, what the simulator takes
     specialist: list[str | None]  # the specialist that chose, None when the master acted alone
-    master_probs: np.ndarray | None  # (n, len(MASTER_ACTIONS)); None for flat
+    # (n, len(MASTER_ACTIONS)): what the master's choice came from, the master network's
+    # probabilities or, when a delegation gate decides, the gate's; None for flat.
+    master_probs: np.ndarray | None
     # Per pipeline: for each agent that decided, its most probable choices ("action@stage").
     action_probs: list[dict[str, dict[str, float]]] = field(default_factory=list)
     # Per pipeline: for each agent that decided, (index in its layout, probability of it).
@@ -298,29 +300,32 @@ class LearnedPolicy:
         hand_raise: dict[str, float] | None = None,
         delegation_gate: DelegationGate | None = None,
     ):
-        """``act_threshold``, ``hand_raise`` and ``delegation_gate`` override the bundle's own
-        (its manifest's keys of those names; absent: greedy, no raised hands, no gate); see the
-        module docstring."""
+        """``act_threshold``, ``hand_raise`` and ``delegation_gate``, when any is given, replace
+        the bundle's decision rule (its manifest's keys of those names) as a whole; with none
+        given the bundle's own rule holds (absent keys: greedy). See the module docstring."""
         self.manifest = manifest
         self.name = manifest["kind"]
         self.nets = nets
         self.heads = {agent: NumpyPolicyHead(net) for agent, net in nets.items()}
         self.sample = sample
-        where = manifest.get("policy_version", "policy.json")
-        stored_gate = manifest.get("delegation_gate")
-        self.set_rule(
-            act_threshold=(
-                act_threshold if act_threshold is not None else manifest.get("act_threshold")
-            ),
-            hand_raise=hand_raise if hand_raise is not None else manifest.get("hand_raise"),
-            delegation_gate=(
-                delegation_gate
-                if delegation_gate is not None
-                else DelegationGate.from_manifest(stored_gate, where=where)
-                if stored_gate
-                else None
-            ),
-        )
+        given = act_threshold is not None or hand_raise is not None or delegation_gate is not None
+        if given:  # the rule given replaces the bundle's whole rule
+            self.set_rule(
+                act_threshold=act_threshold, hand_raise=hand_raise, delegation_gate=delegation_gate
+            )
+        else:
+            stored_gate = manifest.get("delegation_gate")
+            self.set_rule(
+                act_threshold=manifest.get("act_threshold"),
+                hand_raise=manifest.get("hand_raise"),
+                delegation_gate=(
+                    None
+                    if stored_gate is None
+                    else DelegationGate.from_manifest(
+                        stored_gate, where=manifest.get("policy_version", "policy.json")
+                    )
+                ),
+            )
         self._rng = np.random.default_rng(0)
 
     def set_rule(
@@ -447,6 +452,7 @@ class LearnedPolicy:
                     self._gate_features(enc, master_probs), mask
                 )
                 master_choice = gate_probs.argmax(axis=1)
+                master_probs = gate_probs
                 probs_by_agent["master"] = (everyone, gate_probs, master_choice)
             else:
                 master_choice = self._choose_top("master", master_probs)

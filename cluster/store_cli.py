@@ -200,7 +200,8 @@ def checkpoints_retune(
     score (greedy, or an alternative the config lists: act_thresholds, hand_raise_thresholds,
     delegation_gate), as training's reviews do, and publish the same weights with the winning
     rule as a new version. For a policy trained before a rule existed, or to see what a
-    version would decide by without one of the rules; no retraining."""
+    version would decide by without one of the rules; no retraining. A delegation gate is
+    fitted anew with ``--config``'s teacher and seed, not those of the version's training."""
     from agents.inference import export_bundle, nets_from_weights
     from agents.ppo_config import load_train_config
     from cluster.train import choose_decision_rule

@@ -392,6 +392,7 @@ class DecisionRule:
 
     @property
     def label(self) -> str:
+        """The rule in words (the keys of ``rule_scores`` in metrics.jsonl)."""
         if self.act_threshold is not None:
             return f"act threshold {self.act_threshold}"
         if self.hand_raise:
@@ -402,6 +403,7 @@ class DecisionRule:
 
     @property
     def is_greedy(self) -> bool:
+        """No rule but the networks' own argmax."""
         return self.act_threshold is None and not self.hand_raise and self.delegation_gate is None
 
     def manifest_entries(self) -> dict[str, Any]:
@@ -700,7 +702,7 @@ def _review(
     record["act_threshold"] = rule.act_threshold
     record["hand_raise"] = rule.hand_raise
     gate = rule.delegation_gate
-    record["delegation_gate"] = gate.observe_offset if gate is not None else None
+    record["gate_observe_offset"] = gate.observe_offset if gate is not None else None
     if cfg.held_out:
         record["eval"] = evaluate_bundle(candidate, cfg)["overall"]
     version = store.publish(

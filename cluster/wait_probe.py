@@ -3,7 +3,7 @@
 ``pipemedic bench waits`` runs a trained policy in the training environment as one DAgger round
 of the warm start with no teacher steps does (``agents.warm_start.collect``, teacher share 0:
 the student acts, master and specialists alike, greedy on its own networks; a version's decision
-rule, such as a raised hand, is not applied). On every step its top agent (``master`` or
+rule, a raised hand or a delegation gate, is not applied: the figures are the master network's own). On every step its top agent (``master`` or
 ``flat``) decides, the warm start's teacher is asked too, on the faults telemetry shows
 (``warm_start.teacher_waits``). Per concrete action the teacher chose, it counts those steps
 and the share of them on which the top agent's greedy choice was ``observe``. It runs

@@ -294,7 +294,7 @@ class DecisionService:
                 mode,
                 why,
                 held,
-                raised,
+                raised=raised,
                 gated=policy.delegation_gate is not None,
             ),
             signals=signals,
@@ -564,7 +564,7 @@ def slo_breaches(enc: ObservationEncoder) -> list[str]:
 
 
 def explain(
-    action, target, specialist, chosen, signals, state, mode, why, held, raised=False, gated=False
+    action, target, specialist, chosen, signals, state, mode, why, held, *, raised, gated
 ) -> str:
     """One paragraph a person on call can act on. ``gated``: the master's choice came from
     the delegation gate, which weighs the specialists' reports with the master's own view."""

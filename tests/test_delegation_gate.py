@@ -106,6 +106,25 @@ def test_gate_round_trips_through_the_manifest_and_refuses_other_features():
     entry = gate.to_manifest() | {"bias": [0.0, 1.0]}
     with pytest.raises(CheckpointError, match="weights .* bias"):
         DelegationGate.from_manifest(entry)
+    with pytest.raises(CheckpointError, match="lacks observe_offset, weights"):
+        DelegationGate.from_manifest({"features": list(FEATURES), "actions": [], "bias": []})
+    with pytest.raises(CheckpointError, match="must be a mapping"):
+        DelegationGate.from_manifest([1, 2])
+    with pytest.raises(CheckpointError, match="non-numbers"):
+        DelegationGate.from_manifest(gate.to_manifest() | {"observe_offset": "lots"})
+
+
+def test_a_rule_given_to_the_constructor_replaces_the_bundles_whole_rule(tmp_path):
+    nets = fresh_nets("hierarchical", hidden=(8,))
+    gate = DelegationGate(np.zeros((len(FEATURES), len(MASTER_ACTIONS))), np.zeros(5), 0.5)
+    export_bundle(tmp_path / "b", "hierarchical", nets, {"delegation_gate": gate.to_manifest()})
+    assert LearnedPolicy.load(tmp_path / "b").delegation_gate.observe_offset == 0.5
+    replaced = LearnedPolicy.load(tmp_path / "b", hand_raise={"infra": 0.9})
+    assert replaced.rule() == {
+        "act_threshold": None,
+        "hand_raise": {"infra": 0.9},
+        "delegation_gate": None,
+    }
 
 
 def test_a_bundle_with_a_gate_delegates_where_the_gate_says(tmp_path):
@@ -149,6 +168,13 @@ def test_a_rule_has_the_gate_or_the_older_rules_not_both(tmp_path):
     export_bundle(tmp_path / "f", "flat", fresh_nets("flat", hidden=(8,)), {})
     with pytest.raises(CheckpointError, match="hierarchical policies only"):
         LearnedPolicy.load(tmp_path / "f", delegation_gate=gate)
+
+
+def test_a_gate_config_that_would_collect_nothing_is_refused(tmp_path):
+    from agents.delegation_gate import DelegationGateConfig
+
+    with pytest.raises(ValueError, match="must cover at least one step"):
+        DelegationGateConfig(pipeline_steps=100, rounds=2, episodes_per_scenario=64)
 
 
 def test_master_labels_map_cures_to_their_domain():

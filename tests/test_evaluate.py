@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.evaluate import evaluate, write_report
+from envs.errors import PipemedicError
 from envs.metrics import METRIC_KEYS
 from envs.scenario import load_scenario
 
@@ -150,3 +151,16 @@ def test_hierarchical_is_compared_with_flat_and_runbook_by_default():
     ]
     assert default_pairs(["hierarchical", "oracle"]) == []
     assert default_pairs(["flat", "runbook"]) == []
+
+
+def test_compare_pairs_may_name_stored_versions():
+    from cluster.cli import _pair
+
+    assert _pair("hierarchical:flat") == ("hierarchical", "flat")
+    assert _pair("hierarchical:v12:flat") == ("hierarchical:v12", "flat")
+    assert _pair("hierarchical:hierarchical:v3") == ("hierarchical", "hierarchical:v3")
+    assert _pair(" flat:v2 : runbook ") == ("flat:v2", "runbook")
+    with pytest.raises(PipemedicError, match="expected A:B"):
+        _pair("hierarchical")
+    with pytest.raises(PipemedicError, match="expected A:B"):
+        _pair("hierarchical:flat:runbook")

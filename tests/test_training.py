@@ -97,8 +97,14 @@ class UniformRandomPolicy:
 def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, tmp_path):
     # The shipped recipe, small: imitate the oracle briefly, then a few PPO iterations.
     warm = {"enabled": True, "pipeline_steps": 16000, "rounds": 2, "pipelines": 16}
+    gate = {"enabled": True, "pipeline_steps": 480, "episodes_per_scenario": 4}
     cfg = load_train_config(
-        tiny_config(tmp_path, warm_start=warm, hand_raise_thresholds={"quality": [0.5]})
+        tiny_config(
+            tmp_path,
+            warm_start=warm,
+            hand_raise_thresholds={"quality": [0.5]},
+            delegation_gate=gate,
+        )
     )
     summary = train(cfg, tmp_path / "run", promote=False, max_iterations=3)
     assert summary["iteration"] == 3 and summary["warm_start_steps"] >= 16000
@@ -127,11 +133,22 @@ def test_short_training_beats_a_random_policy_on_an_easy_scenario(ray_session, t
     mine = [v for v in versions if v["run_id"] == summary["run_id"]]
     assert [v["iteration"] for v in mine] == [0, 3]
     assert all(set(v["agents"]) == {"master", "drift", "infra", "quality"} for v in mine)
-    # Each review scored both decision rules and stored the one it chose with the version.
+    # Each review scored every decision rule, kept their scores, and stored the one it chose
+    # with the version; a version stored with a gate decides with it when loaded.
     for review in (r for r in rows if "validation_score" in r):
+        assert set(review["rule_scores"]) == {
+            "greedy",
+            "quality raises its hand above 0.5",
+            "delegation gate, observe offset 0.0",
+        }
+        assert review["validation_score"] == min(review["rule_scores"].values())
         assert review["hand_raise"] in (None, {"quality": 0.5})
         stored = CheckpointStore().load("hierarchical", review["version"]).manifest
         assert stored["hand_raise"] == review["hand_raise"]
+        gated = review["gate_observe_offset"] is not None
+        assert (stored["delegation_gate"] is not None) == gated
+        loaded = LearnedPolicy.from_store("hierarchical", version=review["version"])
+        assert (loaded.delegation_gate is not None) == gated
     # The selected bundle's manifest names the review its weights come from.
     bundle = json.loads((Path(summary["bundle"]) / "policy.json").read_text())
     assert bundle["best_version"] == summary["best_version"]
@@ -435,7 +452,7 @@ def test_a_review_fits_a_delegation_gate_and_scores_it_at_each_offset(tmp_path):
         "delegation gate, observe offset 0.0",
         "delegation gate, observe offset 1.0",
     ]
-    assert best.score == min(r.score for r in scored)
+    assert best in scored
     gated = [r for r in scored if r.delegation_gate is not None]
     assert np.array_equal(gated[0].delegation_gate.weights, gated[1].delegation_gate.weights)
     # flat ignores the gate.
