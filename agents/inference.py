@@ -442,6 +442,8 @@ class LearnedPolicy:
         inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         master_probs = None
         raised = np.zeros(n, dtype=bool)
+        # Per specialist, (probs, obs, mask) for every pipeline, where the gate already ran it.
+        seen: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if self.name == "flat":
             choosers = {"flat": everyone}
         else:
@@ -449,7 +451,7 @@ class LearnedPolicy:
             inputs["master"] = (everyone, obs, mask)
             if self.delegation_gate is not None and not self.sample:
                 gate_probs = self.delegation_gate.probs(
-                    self._gate_features(enc, master_probs), mask
+                    self._gate_features(enc, master_probs, seen), mask
                 )
                 master_choice = gate_probs.argmax(axis=1)
                 master_probs = gate_probs
@@ -467,7 +469,10 @@ class LearnedPolicy:
         for agent, rows in choosers.items():
             if len(rows) == 0:
                 continue
-            probs, obs, mask = self._probs(agent, enc, rows)
+            if agent in seen:
+                probs, obs, mask = (x[rows] for x in seen[agent])
+            else:
+                probs, obs, mask = self._probs(agent, enc, rows)
             inputs[agent] = (rows, obs, mask)
             index = self._choose_top(agent, probs) if agent == "flat" else self._choose(probs)
             action[rows], _ = enc.to_sim(agent, index)
@@ -507,10 +512,19 @@ class LearnedPolicy:
         master_probs, _, _ = self._probs("master", enc, np.arange(enc.n))
         return self._gate_features(enc, master_probs)
 
-    def _gate_features(self, enc: ObservationEncoder, master_probs: np.ndarray) -> np.ndarray:
+    def _gate_features(
+        self,
+        enc: ObservationEncoder,
+        master_probs: np.ndarray,
+        seen: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    ) -> np.ndarray:
+        """The gate's features; every specialist runs on every pipeline, and ``seen`` (when
+        given) keeps each one's (probs, obs, mask) so the one delegated to is not run twice."""
         everyone = np.arange(enc.n)
-        specialists = {d: self._probs(d, enc, everyone)[0] for d in DOMAINS}
-        return gate_features(master_probs, specialists)
+        seen = {} if seen is None else seen
+        for d in DOMAINS:
+            seen[d] = self._probs(d, enc, everyone)
+        return gate_features(master_probs, {d: seen[d][0] for d in DOMAINS})
 
     def _raised_hands(
         self, enc: ObservationEncoder, master_choice: np.ndarray
