@@ -573,18 +573,14 @@ def _label(layout: ActionLayout, index: int) -> str:
 
 
 def _factory(kind: str):
-    def make() -> LearnedPolicy:
-        return LearnedPolicy.from_store(kind)
+    """``KIND`` (no version: the promoted one) and ``KIND:vN`` for ``agents.policy``."""
 
-    return make
-
-
-def _versioned_factory(kind: str):
-    def make(version: int) -> LearnedPolicy:
+    def make(version: int | None = None) -> LearnedPolicy:
         return LearnedPolicy.from_store(kind, version=version)
 
     return make
 
 
 for _kind in AGENTS_OF_KIND:
-    register_policy(_kind, _factory(_kind), versioned=_versioned_factory(_kind))
+    _make = _factory(_kind)
+    register_policy(_kind, _make, versioned=_make)
