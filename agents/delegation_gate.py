@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.policy import EpisodeContext, make_policy
-from envs.catalogue import ACTION_DOMAIN, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
+from envs.catalogue import DOMAINS, MASTER_ACTIONS, master_action_name
 from envs.errors import CheckpointError
 from envs.observation import LAYOUTS
 
@@ -225,13 +225,6 @@ class _GateDataRecorder:
         d = self.policy.decide(enc)
         enc.record_action(d.action, d.slot)
         return d.action, d.stage
-
-
-def master_action_name(sim_action: int) -> str:
-    """The master's action for a concrete one: its domain's delegation, or itself (``observe``,
-    ``escalate``). This is how the warm start labels the master, and how the gate is fitted."""
-    name = SIM_ACTIONS[sim_action]
-    return f"delegate_{ACTION_DOMAIN[name]}" if name in ACTION_DOMAIN else name
 
 
 def fit_delegation_gate(

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agents.delegation_gate import master_action_name
 from agents.networks import PolicyValueNet
 from agents.policy import EpisodeContext, make_policy
 from envs.catalogue import (
@@ -50,6 +49,7 @@ from envs.catalogue import (
     FAULTS_BY_DOMAIN,
     SIM_ACTIONS,
     best_cure,
+    master_action_name,
 )
 from envs.errors import ConfigError
 from envs.multi_agent_env import (

@@ -91,6 +91,14 @@ ACTION_DOMAIN: dict[str, str] = {
     a: d for d, acts in SPECIALIST_ACTIONS.items() for a in acts if a != "observe"
 }
 
+
+def master_action_name(sim_action: int) -> str:
+    """The master's action behind a concrete one: its domain's delegation, or the action itself
+    (``observe``, ``escalate``). How a teacher's choice labels the master."""
+    name = SIM_ACTIONS[sim_action]
+    return f"delegate_{ACTION_DOMAIN[name]}" if name in ACTION_DOMAIN else name
+
+
 # Which stages each fault may be injected at. Drift in the model needs a model stage; a late
 # feed arrives at the pipeline's entrance; an outage is of an external system a sink writes to.
 FAULT_STAGES: dict[str, tuple[str, ...]] = {

@@ -15,11 +15,10 @@ from agents.delegation_gate import (
     fit_delegation_gate,
     fit_gate,
     gate_features,
-    master_action_name,
 )
 from agents.inference import LearnedPolicy, export_bundle, fresh_nets
 from agents.ppo_config import load_train_config
-from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS
+from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, master_action_name
 from envs.errors import CheckpointError
 from envs.observation import LAYOUTS, ObservationEncoder
 from envs.params import SimParams
