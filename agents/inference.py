@@ -83,6 +83,8 @@ AGENTS_OF_KIND: dict[str, tuple[str, ...]] = {
     "flat": ("flat",),
 }
 _VIEW = {"master": "master", "flat": "master", **{d: d for d in DOMAINS}}
+#: The manifest keys (and ``LearnedPolicy.set_rule`` keywords) of a decision rule.
+RULE_KEYS: tuple[str, ...] = ("act_threshold", "hand_raise", "delegation_gate")
 #: The choices that wait instead of acting (see the act threshold and raised hands).
 WAITING = frozenset({"observe", "escalate"})
 _OBSERVE = MASTER_ACTIONS.index("observe")
@@ -357,12 +359,8 @@ class LearnedPolicy:
         self.delegation_gate = delegation_gate
 
     def rule(self) -> dict[str, Any]:
-        """The decision rule in force, as ``set_rule`` takes it."""
-        return {
-            "act_threshold": self.act_threshold,
-            "hand_raise": self.hand_raise,
-            "delegation_gate": self.delegation_gate,
-        }
+        """The decision rule in force, as ``set_rule`` takes it (keys ``RULE_KEYS``)."""
+        return {key: getattr(self, key) for key in RULE_KEYS}
 
     @classmethod
     def load(cls, path: Path | str, **kw: Any) -> LearnedPolicy:

@@ -202,16 +202,15 @@ def checkpoints_retune(
     rule as a new version. For a policy trained before a rule existed, or to see what a
     version would decide by without one of the rules; no retraining. A delegation gate is
     fitted anew with ``--config``'s teacher and seed, not those of the version's training."""
-    from agents.inference import export_bundle, nets_from_weights
+    from agents.inference import RULE_KEYS, export_bundle, nets_from_weights
     from agents.ppo_config import load_train_config
     from cluster.train import choose_decision_rule
 
-    rules = ("act_threshold", "hand_raise", "delegation_gate")
     try:
         cfg = load_train_config(config, kind=kind)
         store = _store()
         stored = store.load_promoted(kind) if version is None else store.load(kind, version)
-        manifest = {k: v for k, v in stored.manifest.items() if k not in rules}
+        manifest = {k: v for k, v in stored.manifest.items() if k not in RULE_KEYS}
         nets = nets_from_weights(stored.manifest, stored.weights, where=stored.name)
         console.print(f"{stored.name}: validation score of each decision rule (lower is better)")
         with tempfile.TemporaryDirectory() as tmp:
