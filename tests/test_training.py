@@ -446,13 +446,12 @@ def test_a_review_fits_a_delegation_gate_and_scores_it_at_each_offset(tmp_path):
     cfg = load_train_config(config)
     bundle = export_bundle(tmp_path / "b", "hierarchical", fresh_nets("hierarchical"), {})
     scored = []
-    best = choose_decision_rule(bundle, cfg, on_score=scored.append)
+    choose_decision_rule(bundle, cfg, on_score=scored.append)
     assert [r.label for r in scored] == [
         "greedy",
         "delegation gate, observe offset 0.0",
         "delegation gate, observe offset 1.0",
     ]
-    assert best in scored
     gated = [r for r in scored if r.delegation_gate is not None]
     assert np.array_equal(gated[0].delegation_gate.weights, gated[1].delegation_gate.weights)
     # flat ignores the gate.
