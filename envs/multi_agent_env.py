@@ -21,7 +21,14 @@ Rewards (weights in ``RewardWeights``, set in ``configs/train.yaml``)
         − cost·(replica and action cost)
     a specialist, on the step it acts, for what its own action did:
         + cure·[the action addressed an open fault with no fix under way]
-        − cost·(the action's own cost) − lost·(records its action dropped / records per step)
+        − (the step's slo, lost and cost terms above − the same terms had it observed)
+    The second term is measured, not modelled: the simulator runs the step a second time with
+    ``observe`` in place of the specialists' actions and the same random numbers
+    (``PipelineSim.counterfactual_step``), so a restart's downtime or a failover's halved
+    capacity is charged to the specialist that chose it. ``rewards.specialist_credit: direct``
+    charges only the action's own cost and the records it dropped, as training did before
+    2026-12-07; that let PPO teach the infra specialist that restarts and failovers on quiet
+    steps cost nothing (README).
     "Faults open" and "addressed" come from the simulator's ground truth: the reward may know
     what the observation does not, which is what makes the simulator a teacher.
 
@@ -43,7 +50,7 @@ from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
 from envs.observation import LAYOUTS, OBS_BOUND, ObservationEncoder, observation_size
 from envs.params import STEP_SECONDS, SimParams
 from envs.scenario import Load, RandomBursts, RandomFaults, Scenario
-from envs.simulator import PipelineSim
+from envs.simulator import PipelineSim, StepOutcome
 
 MASTER = "master"
 FLAT = "flat"
@@ -60,6 +67,12 @@ class RewardWeights(BaseModel):
     lost: float = Field(0.5, ge=0, description="per step's worth of records lost")
     cost: float = Field(0.01, ge=0, description="per unit of cost (replicas, actions)")
     cure: float = Field(1.0, ge=0, description="specialist: action addressed an open fault")
+    specialist_credit: Literal["counterfactual", "direct"] = Field(
+        "counterfactual",
+        description="how a specialist is charged for its action: counterfactual, the step's "
+        "SLO, records-lost and cost terms minus those of the same step had it observed; "
+        "direct (before 2026-12-07), only the action's own cost and the records it dropped",
+    )
 
 
 class RandomTraining(BaseModel):
@@ -212,30 +225,44 @@ class PipelineMedicEnv(MultiAgentEnv):
         return self._advance()
 
     # ------------------------------------------------------------------ internals
+    def _step_penalty(self, out: StepOutcome) -> np.ndarray:
+        """The SLO, records-lost and cost terms of one step's reward, per pipeline, as a
+        positive penalty (the whole-pipeline reward adds the open-fault term)."""
+        w = self.w
+        return (
+            w.slo * ~out.slo_ok
+            + w.lost * out.records_lost / self._records_per_step
+            + (w.cost * out.cost)
+        )
+
     def _advance(self):
         sim, w, k = self.sim, self.w, self.k
         actions, stages = self._pending, self._pending_stage
         open_before = sim.fault_active().sum(axis=1)
+        acted = np.flatnonzero(self._specialist_of >= 0) if self.top == MASTER else []
+        counterfactual = None
+        if len(acted) and w.specialist_credit == "counterfactual":
+            waiting = actions.copy()
+            waiting[acted] = ACTION_ID["observe"]
+            counterfactual = sim.counterfactual_step(waiting, stages)
         tel = sim.step(actions, stages)
         self.telemetry = tel
         self.encoder.record_action(actions, self.encoder.slots[stages])
         self.encoder.update(tel)
         out = sim.history[-1]
         open_now = sim.fault_active().sum(axis=1)
-        whole = -(
-            w.slo * (~out.slo_ok)
-            + w.open * 0.5 * (open_before + open_now)
-            + w.lost * out.records_lost / self._records_per_step
-            + w.cost * out.cost
-        )
+        whole = -(self._step_penalty(out) + w.open * 0.5 * (open_before + open_now))
         rewards = {agent_id(self.top, i): float(whole[i]) for i in range(k)}
-        if self.top == MASTER:
-            own = (
-                w.cure * sim.last_action_addressed
-                - w.cost * self._action_cost[actions]
-                - w.lost * sim.last_action_dropped / self._records_per_step
-            )
-            for i in np.flatnonzero(self._specialist_of >= 0):
+        if len(acted):
+            if counterfactual is not None:
+                harm = self._step_penalty(out) - self._step_penalty(counterfactual)
+            else:
+                harm = (
+                    w.cost * self._action_cost[actions]
+                    + w.lost * sim.last_action_dropped / self._records_per_step
+                )
+            own = w.cure * sim.last_action_addressed - harm
+            for i in acted:
                 rewards[agent_id(DOMAINS[self._specialist_of[i]], i)] = float(own[i])
         self._pending = np.full(k, ACTION_ID["observe"], dtype=np.int64)
         self._pending_stage = np.zeros(k, dtype=np.int64)

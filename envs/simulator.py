@@ -342,6 +342,22 @@ class PipelineSim:
         self._apply_actions(actions, targets)
         return self._simulate_and_observe()
 
+    def counterfactual_step(self, actions: np.ndarray, targets: np.ndarray) -> StepOutcome:
+        """What ``step(actions, targets)`` would do to this step's SLO, records lost and cost,
+        leaving the simulator exactly as it was, its random generator included: a following
+        ``step`` draws the same numbers it would have drawn. Training uses it to credit a
+        specialist with what its own action did (``envs.multi_agent_env``)."""
+        saved = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}
+        rng_state = self.rng.bit_generator.state
+        steps_done = len(self.history)
+        try:
+            self.step(actions, targets)
+            return self.history[-1]
+        finally:
+            del self.history[steps_done:]
+            vars(self).update(saved)
+            self.rng.bit_generator.state = rng_state
+
     def _apply_actions(self, a: np.ndarray, s: np.ndarray) -> None:
         p, t, rows = self.params, self.t, np.arange(self.n)
         self._last_action_cost = self._action_cost[a]

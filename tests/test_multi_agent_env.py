@@ -90,6 +90,37 @@ def test_specialist_is_rewarded_for_a_cure_and_not_for_a_wrong_guess():
     assert rewards["ingest"] > 0.5 > 0 > rewards["load"]
 
 
+@pytest.mark.parametrize("credit", ["counterfactual", "direct"])
+def test_a_restart_on_a_healthy_pipeline_is_charged_for_its_downtime(credit):
+    # No fault for 150 steps: restarting a stage takes it down for the step and the SLO breaks.
+    # Counterfactual credit charges the specialist that breach; direct credit did not.
+    rewards = {}
+    for action in ("restart_stage", "observe"):
+        env = PipelineMedicEnv(
+            EnvConfig(
+                scenarios=(single_fault_scenario("schema_drift", at=150, steps=200),),
+                random={"share": 0.0},
+                pipelines=1,
+                rewards={"specialist_credit": credit},
+            )
+        )
+        env.reset(seed=4)
+        for _ in range(5):
+            env.step({"master/0": MASTER_INDEX["observe"]})
+        env.step({"master/0": MASTER_INDEX["delegate_infra"]})
+        slot = STAGES.index("transform") if action != "observe" else 0
+        obs, r, *_ = env.step({"infra/0": LAYOUTS["infra"].encode(action, slot)})
+        rewards[action] = r["infra/0"]
+        if action == "restart_stage":
+            assert not env.sim.history[-1].slo_ok[0]  # the downtime did breach the SLO
+    slo = env.w.slo
+    assert rewards["observe"] == 0.0
+    if credit == "counterfactual":  # the breach, give or take a few records' worth
+        assert rewards["restart_stage"] < -0.9 * slo
+    else:  # the action's own cost only
+        assert -0.1 * slo < rewards["restart_stage"] < 0
+
+
 def test_episode_end_gives_every_participant_a_final_observation():
     env = make_env(pipelines=2, steps=12)
     obs, _ = env.reset(seed=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,34 @@ def test_same_seeds_give_the_same_episode():
             sim.step(rng.integers(len(SIM_ACTIONS), size=2), rng.integers(5, size=2))
         runs.append(np.stack([h.records_lost for h in sim.history]))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_counterfactual_step_foretells_the_step_and_changes_nothing():
+    # Random actions on a faulty scenario, so cures, restarts and their random draws happen.
+    scenario = single_fault_scenario("node_failure", at=3, steps=40)
+    plain, probed = PipelineSim(scenario, n=4), PipelineSim(scenario, n=4)
+    plain.reset([5, 6, 7, 8])
+    probed.reset([5, 6, 7, 8])
+    rng = np.random.default_rng(1)
+    while not plain.done:
+        actions, other = rng.integers(len(SIM_ACTIONS) - 1, size=(2, 4))  # never escalate
+        targets = rng.integers(plain.n_stages, size=4)
+        twin = copy.deepcopy(probed)  # its random generator too
+        foretold = probed.counterfactual_step(other, targets)
+        twin.step(other, targets)
+        for field in ("slo_ok", "records_lost", "cost"):
+            np.testing.assert_array_equal(
+                getattr(foretold, field), getattr(twin.history[-1], field)
+            )
+        a, b = plain.step(actions, targets), probed.step(actions, targets)
+        np.testing.assert_array_equal(a.stage, b.stage)
+        np.testing.assert_array_equal(a.pipeline, b.pipeline)
+    assert len(probed.history) == len(plain.history)
+    for field in ("slo_ok", "records_lost", "cost"):
+        np.testing.assert_array_equal(
+            np.stack([getattr(h, field) for h in plain.history]),
+            np.stack([getattr(h, field) for h in probed.history]),
+        )
 
 
 def test_fault_schedule_depends_only_on_the_episode_seed():
