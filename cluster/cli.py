@@ -860,6 +860,61 @@ def bench_penalty_cmd(
     )
 
 
+@bench_app.command("quiet")
+def bench_quiet_cmd(
+    policy: Annotated[str, STORED_POLICY_OPTION] = "hierarchical,flat",
+    config: Annotated[
+        Path, typer.Option(help="Training config: its held-out scenarios and simulator.")
+    ] = Path("configs/train.yaml"),
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes per held-out scenario.")] = 50,
+    seed: Annotated[int, typer.Option(help="The episode seed, as in evaluate.")] = 0,
+) -> None:
+    """Each policy's actions on held-out steps with no fault open, per action, and the SLO
+    breaches on those steps (cluster/quiet_probe.py)."""
+    from agents.ppo_config import load_train_config
+    from cluster.quiet_probe import quiet_steps
+    from envs.catalogue import SIM_ACTIONS
+
+    figures = []
+    try:
+        for learned in stored_policies(policy):
+            cfg = load_train_config(config, kind=learned.name)
+            figures.append(
+                (learned.version, quiet_steps(learned, cfg, episodes=episodes, seed=seed))
+            )
+    except PipemedicError as exc:
+        fail(exc)
+    table = Table(
+        title=f"Held-out steps with no fault open ({config}, {episodes} episodes per scenario, "
+        f"seed {seed}; per episode): actions taken, and of those the ones whose step breached "
+        "the SLO",
+        title_justify="left",
+    )
+    table.add_column("")
+    for name, _ in figures:
+        table.add_column(name, justify="right")
+    table.add_row("quiet steps", *[f"{f.per_episode(f.quiet_steps):.1f}" for _, f in figures])
+    table.add_row(
+        "SLO breaches on them", *[f"{f.per_episode(f.quiet_breaches):.2f}" for _, f in figures]
+    )
+    order = list(SIM_ACTIONS)
+    actions = sorted({a for _, f in figures for a in f.acts}, key=order.index)
+    for action in actions:
+        table.add_row(
+            action,
+            *[
+                f"{f.per_episode(f.acts[action]):.2f} ("
+                f"{f.per_episode(f.breached_as_it_acted[action]):.2f})"
+                for _, f in figures
+            ],
+        )
+    console.print(table)
+    console.print(
+        "A breach on a quiet step is a burst the pipeline lacked capacity for, or an action's "
+        "harm: a restart takes its stage down for the step, a failover halves its capacity."
+    )
+
+
 @bench_app.command("waits")
 def bench_waits_cmd(
     policy: Annotated[str, STORED_POLICY_OPTION] = "hierarchical,flat",
