@@ -2,8 +2,9 @@
 
 ``pipemedic bench quiet`` runs learned policies, each with its own decision rule, on the
 held-out scenarios (the episodes ``pipemedic evaluate --seed`` draws) and, on every step where
-the simulator has no fault active, counts the policy's actions (anything but ``observe``) per
-concrete action, and the SLO breaches of those steps. A breach on a quiet step is the pipeline's
+the simulator has no fault active (before the policy acts and during the step it acts on),
+counts the policy's actions (anything but ``observe``) per concrete action, and the SLO
+breaches of those steps. A breach on a quiet step is the pipeline's
 own doing: a traffic burst it lacks the capacity for, or an action's harm (a restart takes its
 stage down for the step; a failover halves its capacity). So per action the table also counts
 the quiet steps where that action was taken and the SLO broke on the very step it acted: the
@@ -61,9 +62,12 @@ def quiet_steps(
         policy.reset(EpisodeContext(n=len(seeds), topology=scenario.topology, params=sim.params))
         out.episodes += len(seeds)
         while not sim.done:
-            quiet = ~sim.fault_active().any(axis=1)
+            quiet_before = ~sim.fault_active().any(axis=1)
             actions, targets = policy.act(telemetry)
             telemetry = sim.step(actions, targets)
+            # Quiet on both sides of the step: a fault that starts on this step is in effect
+            # during it, and its breach is not the pipeline's own doing.
+            quiet = quiet_before & ~sim.fault_active().any(axis=1)
             breached = quiet & ~sim.history[-1].slo_ok
             out.quiet_steps += int(quiet.sum())
             out.quiet_breaches += int(breached.sum())

@@ -346,7 +346,9 @@ class PipelineSim:
         """What ``step(actions, targets)`` would do to this step's SLO, records lost and cost,
         leaving the simulator exactly as it was, its random generator included: a following
         ``step`` draws the same numbers it would have drawn. Training uses it to credit a
-        specialist with what its own action did (``envs.multi_agent_env``)."""
+        specialist with what its own action did (``envs.multi_agent_env``). The state arrays
+        are put back as copies: a reference to ``sim.queue`` taken before the call sees the
+        hypothetical step's values."""
         saved = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}
         rng_state = self.rng.bit_generator.state
         steps_done = len(self.history)
@@ -355,6 +357,8 @@ class PipelineSim:
             return self.history[-1]
         finally:
             del self.history[steps_done:]
+            for name in set(vars(self)) - set(saved):  # first set by this step
+                delattr(self, name)
             vars(self).update(saved)
             self.rng.bit_generator.state = rng_state
 

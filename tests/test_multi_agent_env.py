@@ -121,6 +121,29 @@ def test_a_restart_on_a_healthy_pipeline_is_charged_for_its_downtime(credit):
         assert -0.1 * slo < rewards["restart_stage"] < 0
 
 
+def test_the_credit_changes_only_the_specialists_reward():
+    # The cure of the test above, under each credit: the master's reward is the same, and the
+    # specialist keeps its cure bonus under either.
+    seen = {}
+    for credit in ("counterfactual", "direct"):
+        env = PipelineMedicEnv(
+            EnvConfig(
+                scenarios=(single_fault_scenario("schema_drift", at=1),),
+                random={"share": 0.0},
+                pipelines=1,
+                rewards={"specialist_credit": credit},
+            )
+        )
+        env.reset(seed=2)
+        env.step({"master/0": MASTER_INDEX["observe"]})
+        env.step({"master/0": MASTER_INDEX["delegate_drift"]})
+        index = LAYOUTS["drift"].encode("schema_remap", STAGES.index("ingest"))
+        _, r, *_ = env.step({"drift/0": index})
+        seen[credit] = r
+    assert seen["counterfactual"]["master/0"] == seen["direct"]["master/0"]
+    assert seen["counterfactual"]["drift/0"] > 0.5 and seen["direct"]["drift/0"] > 0.5
+
+
 def test_episode_end_gives_every_participant_a_final_observation():
     env = make_env(pipelines=2, steps=12)
     obs, _ = env.reset(seed=0)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from agents.inference import LearnedPolicy, fresh_nets, manifest_for
 from agents.ppo_config import TrainConfig
@@ -13,6 +14,7 @@ from cluster.quiet_probe import quiet_steps
 from envs.catalogue import STAGES
 from envs.errors import ConfigError
 from envs.observation import LAYOUTS
+from tests.conftest import single_fault_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +57,20 @@ def test_a_policy_that_only_observes_takes_no_quiet_actions():
 def test_no_held_out_scenarios_is_a_clear_error():
     with pytest.raises(ConfigError, match="held_out"):
         quiet_steps(_flat_policy("observe"), _config([]), episodes=1, seed=0)
+
+
+def test_the_step_a_fault_starts_on_is_not_quiet(tmp_path):
+    # An outage from step 10 breaks the SLO on its first step; that breach is the fault's.
+    scenario = single_fault_scenario("downstream_outage", at=10, steps=30)
+    path = tmp_path / "outage.yaml"
+    path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
+    cfg = TrainConfig.model_validate(
+        {
+            "kind": "flat",
+            "env": {"scenarios": [str(ROOT / "configs/scenarios/node-failure.yaml")]},
+            "held_out": [str(path)],
+        }
+    )
+    figures = quiet_steps(_flat_policy("observe"), cfg, episodes=3, seed=0)
+    assert figures.quiet_steps == 3 * 9  # steps 1-9 of each episode; the outage never ends
+    assert figures.quiet_breaches == 0

@@ -72,7 +72,7 @@ def test_a_counterfactual_step_foretells_the_step_and_changes_nothing():
     probed.reset([5, 6, 7, 8])
     rng = np.random.default_rng(1)
     while not plain.done:
-        actions, other = rng.integers(len(SIM_ACTIONS) - 1, size=(2, 4))  # never escalate
+        actions, other = rng.integers(len(SIM_ACTIONS), size=(2, 4))
         targets = rng.integers(plain.n_stages, size=4)
         twin = copy.deepcopy(probed)  # its random generator too
         foretold = probed.counterfactual_step(other, targets)
