@@ -25,7 +25,10 @@ Rewards (weights in ``RewardWeights``, set in ``configs/train.yaml``)
     The second term is measured, not modelled: the simulator runs the step a second time with
     ``observe`` in place of the specialists' actions and the same random numbers
     (``PipelineSim.counterfactual_step``), so a restart's downtime or a failover's halved
-    capacity is charged to the specialist that chose it. ``rewards.specialist_credit: direct``
+    capacity is charged to the specialist that chose it. A replica added or removed
+    (``scale_out``, ``scale_in``) outlasts its step: with ``rewards.capacity_credit_steps: H``
+    its difference is summed over H steps, both branches observing after the first
+    (``PipelineSim.counterfactual_rollout``). ``rewards.specialist_credit: direct``
     charges only the action's own cost and the records it dropped, as training did before
     2026-12-07; that let PPO teach the infra specialist that restarts and failovers on quiet
     steps cost nothing (README).
@@ -53,6 +56,7 @@ from envs.scenario import Load, RandomBursts, RandomFaults, Scenario
 from envs.simulator import PipelineSim, StepOutcome
 
 MASTER = "master"
+_CAPACITY_ACTIONS = [ACTION_ID["scale_out"], ACTION_ID["scale_in"]]
 FLAT = "flat"
 HIERARCHICAL_AGENTS: tuple[str, ...] = (MASTER, *DOMAINS)
 
@@ -72,6 +76,13 @@ class RewardWeights(BaseModel):
         description="how a specialist is charged for its action: counterfactual, the step's "
         "SLO, records-lost and cost terms minus those of the same step had it observed; "
         "direct (before 2026-12-07), only the action's own cost and the records it dropped",
+    )
+    capacity_credit_steps: int = Field(
+        1,
+        ge=1,
+        description="counterfactual credit of scale_out and scale_in, whose replica outlasts "
+        "the step: the difference over this many steps, the later ones observed in both "
+        "branches (1: the action's own step only, as before 2026-12-08)",
     )
 
 
@@ -235,16 +246,30 @@ class PipelineMedicEnv(MultiAgentEnv):
             + (w.cost * out.cost)
         )
 
+    def _later_harm(self, without: list[StepOutcome]) -> np.ndarray:
+        """The penalty of the steps after this one had the acting specialists' actions been
+        taken, minus ``without``'s, the same steps had they observed; every pipeline observes
+        in both. Called just after the real step, whose state is the first branch's."""
+        observing = np.full(self.k, ACTION_ID["observe"], dtype=np.int64)
+        stages = np.zeros(self.k, dtype=np.int64)
+        kept = self.sim.counterfactual_rollout(observing, stages, len(without))
+        return sum(self._step_penalty(o) for o in kept) - sum(
+            self._step_penalty(o) for o in without
+        )
+
     def _advance(self):
         sim, w, k = self.sim, self.w, self.k
         actions, stages = self._pending, self._pending_stage
         open_before = sim.fault_active().sum(axis=1)
         acted = np.flatnonzero(self._specialist_of >= 0) if self.top == MASTER else []
-        counterfactual = None
+        counterfactual: list[StepOutcome] = []
+        lasting = np.zeros(k, dtype=bool)  # pipelines whose specialist added or removed a replica
         if len(acted) and w.specialist_credit == "counterfactual":
             waiting = actions.copy()
             waiting[acted] = ACTION_ID["observe"]
-            counterfactual = sim.counterfactual_step(waiting, stages)
+            lasting[acted] = np.isin(actions[acted], _CAPACITY_ACTIONS)
+            horizon = w.capacity_credit_steps if lasting.any() else 1
+            counterfactual = sim.counterfactual_rollout(waiting, stages, horizon)
         tel = sim.step(actions, stages)
         self.telemetry = tel
         self.encoder.record_action(actions, self.encoder.slots[stages])
@@ -254,8 +279,10 @@ class PipelineMedicEnv(MultiAgentEnv):
         whole = -(self._step_penalty(out) + w.open * 0.5 * (open_before + open_now))
         rewards = {agent_id(self.top, i): float(whole[i]) for i in range(k)}
         if len(acted):
-            if counterfactual is not None:
-                harm = self._step_penalty(out) - self._step_penalty(counterfactual)
+            if counterfactual:
+                harm = self._step_penalty(out) - self._step_penalty(counterfactual[0])
+                if len(counterfactual) > 1:
+                    harm += np.where(lasting, self._later_harm(counterfactual[1:]), 0.0)
             else:
                 harm = (
                     w.cost * self._action_cost[actions]

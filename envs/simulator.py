@@ -349,12 +349,28 @@ class PipelineSim:
         specialist with what its own action did (``envs.multi_agent_env``). The state arrays
         are put back as copies: a reference to ``sim.queue`` taken before the call sees the
         hypothetical step's values."""
+        return self.counterfactual_rollout(actions, targets, steps=1)[0]
+
+    def counterfactual_rollout(
+        self, actions: np.ndarray, targets: np.ndarray, steps: int
+    ) -> list[StepOutcome]:
+        """The outcomes of ``step(actions, targets)`` followed by ``steps - 1`` steps in which
+        every pipeline observes (or fewer, where the episode ends first), leaving the simulator
+        exactly as it was, as ``counterfactual_step`` does. Training uses it to credit actions
+        whose effect outlasts their step, such as a replica added or removed."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
         saved = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}
         rng_state = self.rng.bit_generator.state
         steps_done = len(self.history)
+        waiting = np.full(self.n, _A["observe"], dtype=np.int64)
         try:
             self.step(actions, targets)
-            return self.history[-1]
+            for _ in range(steps - 1):
+                if self.done:
+                    break
+                self.step(waiting, targets)
+            return self.history[steps_done:]
         finally:
             del self.history[steps_done:]
             for name in set(vars(self)) - set(saved):  # first set by this step

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
-from envs.catalogue import MASTER_ACTIONS, STAGES
+from envs.catalogue import ACTION_ID, MASTER_ACTIONS, STAGES
 from envs.multi_agent_env import EnvConfig, PipelineMedicEnv, agent_id
 from envs.observation import (
     DOMAIN_STAGE_METRICS,
@@ -16,7 +18,7 @@ from envs.observation import (
     ObservationEncoder,
     observation_size,
 )
-from envs.params import SimParams
+from envs.params import STEP_SECONDS, SimParams
 from envs.scenario import NEVER, Scenario
 from tests.conftest import single_fault_scenario
 
@@ -142,6 +144,52 @@ def test_the_credit_changes_only_the_specialists_reward():
         seen[credit] = r
     assert seen["counterfactual"]["master/0"] == seen["direct"]["master/0"]
     assert seen["counterfactual"]["drift/0"] > 0.5 and seen["direct"]["drift/0"] > 0.5
+
+
+def test_a_replica_added_is_credited_over_the_capacity_horizon():
+    # A traffic burst and no fault open: scale_out cures nothing, so the specialist's reward is
+    # minus the harm, summed over the horizon's steps, the later ones observed in both branches.
+    scenario = Scenario.model_validate(
+        {
+            "name": "burst",
+            "duration_steps": 60,
+            "load": {"pattern": "flat", "bursts": [{"at": 8, "factor": 2.2, "duration": 40}]},
+        }
+    )
+    observe, scale_out = ACTION_ID["observe"], ACTION_ID["scale_out"]
+    stage, credit = STAGES.index("ingest"), {}
+    for horizon in (1, 6):
+        env = PipelineMedicEnv(
+            EnvConfig(
+                scenarios=(scenario,),
+                random={"share": 0.0},
+                pipelines=1,
+                rewards={"capacity_credit_steps": horizon},
+            )
+        )
+        env.reset(seed=1)
+        for _ in range(10):
+            env.step({"master/0": MASTER_INDEX["observe"]})
+        env.step({"master/0": MASTER_INDEX["delegate_infra"]})
+        branches = {}
+        for first in (scale_out, observe):
+            twin = copy.deepcopy(env.sim)
+            for step in range(horizon):
+                twin.step(np.array([first if step == 0 else observe]), np.array([stage]))
+            branches[first] = sum(penalty(env, h) for h in twin.history[-horizon:])
+        _, r, *_ = env.step({"infra/0": LAYOUTS["infra"].encode("scale_out", stage)})
+        assert r["infra/0"] == pytest.approx(branches[observe] - branches[scale_out])
+        credit[horizon] = r["infra/0"]
+    # On its own step the replica only costs; a few steps later it spares the SLO a breach.
+    assert credit[1] < 0 < env.w.slo / 2 < credit[6]
+
+
+def penalty(env: PipelineMedicEnv, out) -> float:
+    """The SLO, records-lost and cost terms of one step for pipeline 0, as the module says."""
+    w, per_step = env.w, env.scenario.load.base_rps * STEP_SECONDS
+    return (
+        w.slo * (not out.slo_ok[0]) + w.lost * out.records_lost[0] / per_step + w.cost * out.cost[0]
+    )
 
 
 def test_episode_end_gives_every_participant_a_final_observation():

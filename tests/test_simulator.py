@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from envs.catalogue import SIM_ACTIONS
+from envs.catalogue import ACTION_ID, SIM_ACTIONS
 from envs.scenario import NEVER, Scenario, draw_bursts, draw_fault_schedule
 from envs.simulator import PipelineSim
 from envs.telemetry import PIPELINE_METRICS, STAGE_METRICS
@@ -90,6 +90,34 @@ def test_a_counterfactual_step_foretells_the_step_and_changes_nothing():
             np.stack([getattr(h, field) for h in plain.history]),
             np.stack([getattr(h, field) for h in probed.history]),
         )
+
+
+def test_a_counterfactual_rollout_foretells_the_steps_and_stops_at_the_episode_end():
+    scenario = single_fault_scenario("node_failure", at=3, steps=12)
+    sim = PipelineSim(scenario, n=3)
+    sim.reset([1, 2, 3])
+    observe = np.full(3, ACTION_ID["observe"])
+    scale_out = np.full(3, ACTION_ID["scale_out"])
+    targets = np.array([0, 1, 2])
+    for _ in range(4):
+        sim.step(observe, targets)
+    twin, seen = copy.deepcopy(sim), len(sim.history)
+    foretold = sim.counterfactual_rollout(scale_out, targets, steps=5)
+    twin.step(scale_out, targets)
+    for _ in range(4):
+        twin.step(observe, targets)
+    assert len(foretold) == 5 and len(sim.history) == seen
+    for field in ("slo_ok", "records_lost", "cost"):
+        np.testing.assert_array_equal(
+            np.stack([getattr(h, field) for h in foretold]),
+            np.stack([getattr(h, field) for h in twin.history[seen:]]),
+        )
+    # The rollout's replicas were put back; the twin kept its one replica more per pipeline.
+    np.testing.assert_array_equal(twin.replicas - sim.replicas, np.eye(3, sim.n_stages))
+    # 8 steps are left in the episode: a longer rollout ends with it.
+    assert len(sim.counterfactual_rollout(scale_out, targets, steps=20)) == 8
+    with pytest.raises(ValueError, match="steps"):
+        sim.counterfactual_rollout(scale_out, targets, steps=0)
 
 
 def test_fault_schedule_depends_only_on_the_episode_seed():
