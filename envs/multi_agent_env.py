@@ -82,7 +82,7 @@ class RewardWeights(BaseModel):
         ge=1,
         description="counterfactual credit of scale_out and scale_in, whose replica outlasts "
         "the step: the difference over this many steps, the later ones observed in both "
-        "branches (1: the action's own step only, as before 2026-12-08)",
+        "branches (1: the action's own step only)",
     )
 
 
