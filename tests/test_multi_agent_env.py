@@ -32,6 +32,13 @@ def make_env(mode: str = "hierarchical", pipelines: int = 3, **scenario_kw) -> P
     )
 
 
+def one_pipeline_env(scenario: Scenario, **rewards) -> PipelineMedicEnv:
+    """A hierarchical env of one pipeline that always plays ``scenario``, with these rewards."""
+    return PipelineMedicEnv(
+        EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=1, rewards=rewards)
+    )
+
+
 @pytest.mark.parametrize("mode", ["hierarchical", "flat"])
 def test_passes_rllib_multi_agent_checks(mode):
     check_multiagent_environments(make_env(mode))
@@ -98,13 +105,8 @@ def test_a_restart_on_a_healthy_pipeline_is_charged_for_its_downtime(credit):
     # Counterfactual credit charges the specialist that breach; direct credit did not.
     rewards = {}
     for action in ("restart_stage", "observe"):
-        env = PipelineMedicEnv(
-            EnvConfig(
-                scenarios=(single_fault_scenario("schema_drift", at=150, steps=200),),
-                random={"share": 0.0},
-                pipelines=1,
-                rewards={"specialist_credit": credit},
-            )
+        env = one_pipeline_env(
+            single_fault_scenario("schema_drift", at=150, steps=200), specialist_credit=credit
         )
         env.reset(seed=4)
         for _ in range(5):
@@ -128,13 +130,8 @@ def test_the_credit_changes_only_the_specialists_reward():
     # specialist keeps its cure bonus under either.
     seen = {}
     for credit in ("counterfactual", "direct"):
-        env = PipelineMedicEnv(
-            EnvConfig(
-                scenarios=(single_fault_scenario("schema_drift", at=1),),
-                random={"share": 0.0},
-                pipelines=1,
-                rewards={"specialist_credit": credit},
-            )
+        env = one_pipeline_env(
+            single_fault_scenario("schema_drift", at=1), specialist_credit=credit
         )
         env.reset(seed=2)
         env.step({"master/0": MASTER_INDEX["observe"]})
@@ -159,14 +156,7 @@ def test_a_replica_added_is_credited_over_the_capacity_horizon():
     observe, scale_out = ACTION_ID["observe"], ACTION_ID["scale_out"]
     stage, credit = STAGES.index("ingest"), {}
     for horizon in (1, 6):
-        env = PipelineMedicEnv(
-            EnvConfig(
-                scenarios=(scenario,),
-                random={"share": 0.0},
-                pipelines=1,
-                rewards={"capacity_credit_steps": horizon},
-            )
-        )
+        env = one_pipeline_env(scenario, capacity_credit_steps=horizon)
         env.reset(seed=1)
         for _ in range(10):
             env.step({"master/0": MASTER_INDEX["observe"]})
