@@ -278,8 +278,9 @@ class ScenarioPenalty:
 
 class _IdleActionCounter:
     """Wraps a policy and counts its actions (anything but ``observe``) on steps where the
-    simulator has no fault active. It asks for the ground truth and keeps it from the
-    wrapped policy, which decides on telemetry alone as before."""
+    simulator has no fault active as the policy decides. It asks for the ground truth and keeps
+    it from the wrapped policy, which decides on telemetry alone as before. (``bench quiet``,
+    ``cluster.quiet_probe``, also leaves out the steps on which a fault starts.)"""
 
     needs_ground_truth = True
 
