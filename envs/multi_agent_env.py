@@ -56,9 +56,10 @@ from envs.scenario import Load, RandomBursts, RandomFaults, Scenario
 from envs.simulator import PipelineSim, StepOutcome
 
 MASTER = "master"
-_CAPACITY_ACTIONS = [ACTION_ID["scale_out"], ACTION_ID["scale_in"]]
 FLAT = "flat"
 HIERARCHICAL_AGENTS: tuple[str, ...] = (MASTER, *DOMAINS)
+# Actions whose effect (a replica more or less) outlasts their step: rewards.capacity_credit_steps.
+_CAPACITY_ACTIONS = [ACTION_ID["scale_out"], ACTION_ID["scale_in"]]
 
 
 class RewardWeights(BaseModel):

@@ -32,11 +32,24 @@ def make_env(mode: str = "hierarchical", pipelines: int = 3, **scenario_kw) -> P
     )
 
 
-def one_pipeline_env(scenario: Scenario, **rewards) -> PipelineMedicEnv:
-    """A hierarchical env of one pipeline that always plays ``scenario``, with these rewards."""
+def reward_test_env(scenario: Scenario, pipelines: int = 1, **rewards) -> PipelineMedicEnv:
+    """A hierarchical env whose pipelines (one unless told) always play ``scenario``, with
+    these rewards."""
     return PipelineMedicEnv(
-        EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=1, rewards=rewards)
+        EnvConfig(
+            scenarios=(scenario,), random={"share": 0.0}, pipelines=pipelines, rewards=rewards
+        )
     )
+
+
+# A traffic burst (not a fault) on a quiet pipeline: 2.2 times the load for steps 8-47.
+BURST = Scenario.model_validate(
+    {
+        "name": "burst",
+        "duration_steps": 60,
+        "load": {"pattern": "flat", "bursts": [{"at": 8, "factor": 2.2, "duration": 40}]},
+    }
+)
 
 
 @pytest.mark.parametrize("mode", ["hierarchical", "flat"])
@@ -105,7 +118,7 @@ def test_a_restart_on_a_healthy_pipeline_is_charged_for_its_downtime(credit):
     # Counterfactual credit charges the specialist that breach; direct credit did not.
     rewards = {}
     for action in ("restart_stage", "observe"):
-        env = one_pipeline_env(
+        env = reward_test_env(
             single_fault_scenario("schema_drift", at=150, steps=200), specialist_credit=credit
         )
         env.reset(seed=4)
@@ -130,9 +143,7 @@ def test_the_credit_changes_only_the_specialists_reward():
     # specialist keeps its cure bonus under either.
     seen = {}
     for credit in ("counterfactual", "direct"):
-        env = one_pipeline_env(
-            single_fault_scenario("schema_drift", at=1), specialist_credit=credit
-        )
+        env = reward_test_env(single_fault_scenario("schema_drift", at=1), specialist_credit=credit)
         env.reset(seed=2)
         env.step({"master/0": MASTER_INDEX["observe"]})
         env.step({"master/0": MASTER_INDEX["delegate_drift"]})
@@ -146,17 +157,10 @@ def test_the_credit_changes_only_the_specialists_reward():
 def test_a_replica_added_is_credited_over_the_capacity_horizon():
     # A traffic burst and no fault open: scale_out cures nothing, so the specialist's reward is
     # minus the harm, summed over the horizon's steps, the later ones observed in both branches.
-    scenario = Scenario.model_validate(
-        {
-            "name": "burst",
-            "duration_steps": 60,
-            "load": {"pattern": "flat", "bursts": [{"at": 8, "factor": 2.2, "duration": 40}]},
-        }
-    )
     observe, scale_out = ACTION_ID["observe"], ACTION_ID["scale_out"]
     stage, credit = STAGES.index("ingest"), {}
     for horizon in (1, 6):
-        env = one_pipeline_env(scenario, capacity_credit_steps=horizon)
+        env = reward_test_env(BURST, capacity_credit_steps=horizon)
         env.reset(seed=1)
         for _ in range(10):
             env.step({"master/0": MASTER_INDEX["observe"]})
@@ -172,6 +176,28 @@ def test_a_replica_added_is_credited_over_the_capacity_horizon():
         credit[horizon] = r["infra/0"]
     # On its own step the replica only costs; a few steps later it spares the SLO a breach.
     assert credit[1] < 0 < env.w.slo / 2 < credit[6]
+
+
+def test_only_capacity_actions_are_credited_over_the_horizon():
+    # Two pipelines in one env, the same step: one specialist adds a replica, the other
+    # restarts a stage. A longer capacity horizon changes the first reward only.
+    seen = {}
+    for horizon in (1, 6):
+        env = reward_test_env(BURST, pipelines=2, capacity_credit_steps=horizon)
+        env.reset(seed=1)
+        for _ in range(10):
+            env.step({f"master/{i}": MASTER_INDEX["observe"] for i in range(2)})
+        env.step({f"master/{i}": MASTER_INDEX["delegate_infra"] for i in range(2)})
+        ingest = STAGES.index("ingest")
+        _, seen[horizon], *_ = env.step(
+            {
+                "infra/0": LAYOUTS["infra"].encode("scale_out", ingest),
+                "infra/1": LAYOUTS["infra"].encode("restart_stage", ingest),
+            }
+        )
+    assert seen[6]["infra/1"] == seen[1]["infra/1"]
+    assert seen[6]["infra/0"] != seen[1]["infra/0"]
+    assert [seen[6][f"master/{i}"] for i in range(2)] == [seen[1][f"master/{i}"] for i in range(2)]
 
 
 def penalty(env: PipelineMedicEnv, out) -> float:

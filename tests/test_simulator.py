@@ -102,6 +102,7 @@ def test_a_counterfactual_rollout_foretells_the_steps_and_stops_at_the_episode_e
     for _ in range(4):
         sim.step(observe, targets)
     twin, seen = copy.deepcopy(sim), len(sim.history)
+    rng_before, t_before = copy.deepcopy(sim.rng.bit_generator.state), sim.t
     foretold = sim.counterfactual_rollout(scale_out, targets, steps=5)
     twin.step(scale_out, targets)
     for _ in range(4):
@@ -116,6 +117,7 @@ def test_a_counterfactual_rollout_foretells_the_steps_and_stops_at_the_episode_e
     np.testing.assert_array_equal(twin.replicas - sim.replicas, np.eye(3, sim.n_stages))
     # 8 steps are left in the episode: a longer rollout ends with it.
     assert len(sim.counterfactual_rollout(scale_out, targets, steps=20)) == 8
+    assert sim.t == t_before and sim.rng.bit_generator.state == rng_before
     with pytest.raises(ValueError, match="steps"):
         sim.counterfactual_rollout(scale_out, targets, steps=0)
 
