@@ -24,11 +24,11 @@ Rewards (weights in ``RewardWeights``, set in ``configs/train.yaml``)
         − (the step's slo, lost and cost terms above − the same terms had it observed)
     The second term is measured, not modelled: the simulator runs the step a second time with
     ``observe`` in place of the specialists' actions and the same random numbers
-    (``PipelineSim.counterfactual_step``), so a restart's downtime or a failover's halved
+    (``PipelineSim.counterfactual_rollout``), so a restart's downtime or a failover's halved
     capacity is charged to the specialist that chose it. A replica added or removed
     (``scale_out``, ``scale_in``) outlasts its step: with ``rewards.capacity_credit_steps: H``
-    its difference is summed over H steps, both branches observing after the first
-    (``PipelineSim.counterfactual_rollout``). ``rewards.specialist_credit: direct``
+    its difference is summed over H steps, both branches observing after the first.
+    ``rewards.specialist_credit: direct``
     charges only the action's own cost and the records it dropped, as training did before
     2026-12-07; that let PPO teach the infra specialist that restarts and failovers on quiet
     steps cost nothing (README).

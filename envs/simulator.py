@@ -342,22 +342,16 @@ class PipelineSim:
         self._apply_actions(actions, targets)
         return self._simulate_and_observe()
 
-    def counterfactual_step(self, actions: np.ndarray, targets: np.ndarray) -> StepOutcome:
-        """What ``step(actions, targets)`` would do to this step's SLO, records lost and cost,
-        leaving the simulator exactly as it was, its random generator included: a following
-        ``step`` draws the same numbers it would have drawn. Training uses it to credit a
-        specialist with what its own action did (``envs.multi_agent_env``). The state arrays
-        are put back as copies: a reference to ``sim.queue`` taken before the call sees the
-        hypothetical step's values."""
-        return self.counterfactual_rollout(actions, targets, steps=1)[0]
-
     def counterfactual_rollout(
-        self, actions: np.ndarray, targets: np.ndarray, steps: int
+        self, actions: np.ndarray, targets: np.ndarray, steps: int = 1
     ) -> list[StepOutcome]:
-        """The outcomes of ``step(actions, targets)`` followed by ``steps - 1`` steps in which
-        every pipeline observes (or fewer, where the episode ends first), leaving the simulator
-        exactly as it was, as ``counterfactual_step`` does. Training uses it to credit actions
-        whose effect outlasts their step, such as a replica added or removed."""
+        """The outcomes (SLO, records lost, cost) of ``step(actions, targets)`` followed by
+        ``steps - 1`` steps in which every pipeline observes (fewer where the episode ends
+        first), leaving the simulator exactly as it was, its random generator included: a
+        following ``step`` draws the same numbers it would have drawn. Training uses it to
+        credit a specialist with what its own action did (``envs.multi_agent_env``), over more
+        than one step for a replica added or removed. The state arrays are put back as copies:
+        a reference to ``sim.queue`` taken before the call sees the hypothetical values."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         saved = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}

@@ -64,7 +64,7 @@ def test_same_seeds_give_the_same_episode():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
-def test_a_counterfactual_step_foretells_the_step_and_changes_nothing():
+def test_a_one_step_counterfactual_foretells_the_step_and_changes_nothing():
     # Random actions on a faulty scenario, so cures, restarts and their random draws happen.
     scenario = single_fault_scenario("node_failure", at=3, steps=40)
     plain, probed = PipelineSim(scenario, n=4), PipelineSim(scenario, n=4)
@@ -75,7 +75,7 @@ def test_a_counterfactual_step_foretells_the_step_and_changes_nothing():
         actions, other = rng.integers(len(SIM_ACTIONS), size=(2, 4))
         targets = rng.integers(plain.n_stages, size=4)
         twin = copy.deepcopy(probed)  # its random generator too
-        foretold = probed.counterfactual_step(other, targets)
+        (foretold,) = probed.counterfactual_rollout(other, targets)
         twin.step(other, targets)
         for field in ("slo_ok", "records_lost", "cost"):
             np.testing.assert_array_equal(
