@@ -22,6 +22,29 @@ OBSERVE = ACTION_ID["observe"]
 ESCALATE = ACTION_ID["escalate"]
 
 
+class BacklogTrend:
+    """Per (pipeline, stage): has the queue grown on each of the last two readings?
+
+    A stage whose backlog grows reading after reading cannot keep up with its traffic, and
+    the queue's wait will reach the latency SLO if nothing changes: the signal an SRE scales
+    out on before the SLO breaks (two readings, so one noisy sample does not trigger it).
+    """
+
+    def __init__(self) -> None:
+        self.previous: np.ndarray | None = None
+        self.before: np.ndarray | None = None
+
+    def update(self, queue: np.ndarray) -> np.ndarray:
+        """Take this step's queue readings (missing ones already filled); return the mask."""
+        if self.previous is None or self.before is None:
+            growing = np.zeros(queue.shape, dtype=bool)
+        else:
+            growing = (queue > self.previous) & (self.previous > self.before)
+        self.before = self.previous if self.previous is not None else queue.copy()
+        self.previous = queue.copy()
+        return growing
+
+
 def _slo_breached(ctx: EpisodeContext, last: np.ndarray) -> np.ndarray:
     """Per pipeline: does the observed telemetry breach any SLO? ``last`` holds the last
     observed pipeline metrics, used where a value is missing."""
@@ -121,10 +144,12 @@ class OracleCapacityPolicy(OraclePolicy):
 
     The oracle cures faults but never adds capacity, so a backlog left by a surge or a slow
     stage drains at the old pace while SLOs stay breached. This policy applies the oracle's
-    cure when a fault is waiting for one; otherwise, while observed SLOs are breached and a
-    stage has a backlog, it scales out the stage with the longest wait (cooling down
+    cure when a fault is waiting for one; otherwise it scales out the stage with the longest
+    wait among those with a backlog while observed SLOs are breached, or among those whose
+    backlog keeps growing (``BacklogTrend``) before they are (cooling down
     ``COOLDOWN_STEPS['scale_out']`` steps per stage); when all is healthy it gives back replicas
-    that sit idle, with the runbook's thresholds. Training imitates it (``warm_start.teacher``).
+    that sit idle. The capacity rules and thresholds are the runbook's. Training imitates it
+    (``warm_start.teacher``).
     """
 
     name = "oracle_capacity"
@@ -137,6 +162,7 @@ class OracleCapacityPolicy(OraclePolicy):
         self.last_stage: np.ndarray | None = None
         self.last_pipeline: np.ndarray | None = None
         self.ready_at = np.zeros((ctx.n, len(ctx.topology)), dtype=np.int64)
+        self.trend = BacklogTrend()
 
     def act(
         self, tel: Telemetry, truth: GroundTruth | None = None
@@ -153,12 +179,14 @@ class OracleCapacityPolicy(OraclePolicy):
         replicas = self.last_stage[:, :, STAGE_INDEX["replicas"]]
         cpu = self.last_stage[:, :, STAGE_INDEX["cpu"]]
         backlog = queue > self.th.queue_s * np.maximum(inflow, 1.0)
+        growing = backlog & self.trend.update(queue)
         wait = queue / np.maximum(out, 1.0)
         free = actions == OBSERVE
         params = self.ctx.params
         for b in np.flatnonzero(free):
-            if breached[b] and backlog[b].any():
-                room = backlog[b] & (replicas[b] < params.max_replicas)
+            short = backlog[b] if breached[b] else growing[b]  # stages that need capacity now
+            if short.any():
+                room = short & (replicas[b] < params.max_replicas)
                 room &= self.ready_at[b] <= tel.step
                 if room.any():
                     s = int(np.argmax(np.where(room, wait[b], -np.inf)))
@@ -258,7 +286,8 @@ class RunbookPolicy:
        missing replicas -> ``failover``; memory near the limit -> ``restart_stage``; inflow far
        above usual -> ``throttle``; a hot CPU with a backlog -> ``scale_out`` (then
        ``failover`` if two scale-outs did not help); any other latency breach -> ``scale_out``
-       the stage with the longest queue.
+       the stage with the longest queue; a backlog that keeps growing (``BacklogTrend``) ->
+       ``scale_out`` before the SLO breaks.
     4. SLOs still breached after 5 minutes -> ``escalate`` (once per incident).
     5. All healthy: give back replicas that sit idle.
     Each (action, stage) then cools down so its effect can show. Missing values are read as
@@ -280,6 +309,7 @@ class RunbookPolicy:
         self.load = ctx.topology.index("load")
         self.sinks = [i for i, s in enumerate(ctx.topology) if s in ("load", MODEL_STAGE)]
         self.parent = Topology(ctx.topology).parent
+        self.trend = BacklogTrend()
 
     def act(
         self, tel: Telemetry, truth: GroundTruth | None = None
@@ -292,6 +322,7 @@ class RunbookPolicy:
         self.sustained_stage = np.minimum(
             self.last_stage, previous if previous is not None else self.last_stage
         )
+        self.growing = self.trend.update(self.last_stage[:, :, STAGE_INDEX["queue"]])
         breached = _slo_breached(self.ctx, self.last_pipeline)
         actions = np.full(self.ctx.n, OBSERVE, dtype=np.int64)
         targets = np.zeros(self.ctx.n, dtype=np.int64)
@@ -403,6 +434,14 @@ class RunbookPolicy:
                 return "scale_out", s
         if breached and backlog.any():
             s = int(np.nanargmax(st["queue"]))
+            if st["replicas"][s] < self.ctx.params.max_replicas and ready("scale_out", s):
+                mem.scale_outs[s] = mem.scale_outs.get(s, 0) + 1
+                return "scale_out", s
+        # A backlog that grew on each of the last two readings will reach the latency SLO:
+        # add capacity before it does, to the longest such queue.
+        growing = backlog & self.growing[b]
+        if growing.any():
+            s = int(np.argmax(np.where(growing, st["queue"], -np.inf)))
             if st["replicas"][s] < self.ctx.params.max_replicas and ready("scale_out", s):
                 mem.scale_outs[s] = mem.scale_outs.get(s, 0) + 1
                 return "scale_out", s

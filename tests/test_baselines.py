@@ -127,3 +127,55 @@ def test_oracle_shown_waits_for_a_leak_to_show_and_is_the_oracle_elsewhere():
     assert rollout(make_policy("oracle_shown"), nulls, seeds) == rollout(
         make_policy("oracle"), nulls, seeds
     )
+
+
+def test_backlog_trend_needs_two_rises_in_a_row():
+    import numpy as np
+
+    from agents.baselines import BacklogTrend
+
+    trend = BacklogTrend()
+    readings = [[5.0, 5.0], [6.0, 4.0], [7.0, 6.0], [6.5, 7.0], [8.0, 8.0], [9.0, 9.0]]
+    masks = [trend.update(np.array([r])).tolist()[0] for r in readings]
+    # the first two readings cannot show two rises; a dip starts the count again
+    assert masks == [
+        [False, False],
+        [False, False],
+        [True, False],
+        [False, True],
+        [False, True],
+        [True, True],
+    ]
+
+
+@pytest.mark.parametrize("name", ["runbook", "oracle_capacity"])
+def test_a_growing_backlog_is_scaled_out_before_the_slo_breaks(name):
+    """A burst that the stages cannot absorb builds queues step after step; the runbook and
+    the teacher add a replica while the queue grows, before the latency SLO breaks. (Before
+    ``BacklogTrend`` both waited for the breach in most of these episodes.)"""
+    from agents.baselines import _slo_breached
+    from envs.catalogue import ACTION_ID
+    from envs.scenario import Scenario
+
+    scenario = Scenario.model_validate(
+        {
+            "name": "burst-only",
+            "duration_steps": 80,
+            "load": {"pattern": "flat", "bursts": [{"at": 20, "factor": 1.6, "duration": 40}]},
+        }
+    )
+    sim = PipelineSim(scenario, n=8)
+    telemetry = sim.reset(episode_seeds(scenario, 0, 8))
+    ctx = EpisodeContext(n=8, topology=scenario.topology, params=sim.params)
+    policy = make_policy(name)
+    policy.reset(ctx)
+    first = {}  # pipeline -> whether its observed SLOs were breached at its first scale-out
+    while not sim.done:
+        breached = _slo_breached(ctx, telemetry.pipeline)
+        action, stage = policy.act(telemetry, sim.ground_truth())
+        for b in range(8):
+            if action[b] == ACTION_ID["scale_out"] and b not in first:
+                first[b] = bool(breached[b])
+        telemetry = sim.step(action, stage)
+    assert len(first) == 8, "every pipeline scales out during the burst"
+    assert not any(first.values()), first
