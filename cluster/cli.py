@@ -760,7 +760,14 @@ def bench_leak_cmd(
 
 @bench_app.command("penalty")
 def bench_penalty_cmd(
-    policy: Annotated[str, STORED_POLICY_OPTION] = "hierarchical,flat",
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy",
+            help="Comma-separated policies: learned kinds, each KIND (its promoted version) or "
+            "KIND:vN, and baselines by name (runbook, oracle_capacity, ...).",
+        ),
+    ] = "hierarchical,flat",
     config: Annotated[
         Path, typer.Option(help="Training config: its scenario sets and reward weights.")
     ] = Path("configs/train.yaml"),
@@ -780,10 +787,11 @@ def bench_penalty_cmd(
         ),
     ] = False,
 ) -> None:
-    """The training objective's penalty of each version, with its own decision rule, split
-    per scenario and per term, and its actions while no fault was open: on the validation
-    set (the validation score) or on the held-out scenarios (for reporting only)."""
-    from agents.inference import LearnedPolicy
+    """The training objective's penalty of each version (or baseline), with its own decision
+    rule, split per scenario and per term, and its actions while no fault was open: on the
+    validation set (the validation score) or on the held-out scenarios (for reporting only)."""
+    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
+    from agents.policy import available_policies, make_policy
     from agents.ppo_config import load_train_config
     from cluster.train import (
         PENALTY_TERMS,
@@ -795,16 +803,31 @@ def bench_penalty_cmd(
     if on not in ("validation", "held-out"):
         fail(PipemedicError(f"--on takes validation or held-out, got {on!r}"))
     try:
+        names = [p.strip() for p in policy.split(",") if p.strip()]
+        known = [n for n in available_policies() if n not in AGENTS_OF_KIND]
+        for name in names:
+            if name not in known and name.partition(":")[0] not in AGENTS_OF_KIND:
+                raise PipemedicError(
+                    f"--policy: {name!r} is neither a learned kind (KIND or KIND:vN, KIND in "
+                    f"{sorted(AGENTS_OF_KIND)}) nor a baseline ({', '.join(known)})"
+                )
+        learned_names = [n for n in names if n not in known]
+        learned = iter(stored_policies(",".join(learned_names)) if learned_names else ())
         variants = []
-        for p in stored_policies(policy):
-            variants.append((p.version, p))
+        for name in names:
+            if name in known:
+                variants.append((name, make_policy(name), None))
+                continue
+            p = next(learned)
+            variants.append((p.version, p, p.name))
             if greedy and any(p.rule().values()):
                 plain = LearnedPolicy(p.manifest, p.nets)
                 plain.set_rule()  # greedy, as validation_score does
-                variants.append((f"{p.version}, greedy", plain))
+                variants.append((f"{p.version}, greedy", plain, p.name))
         figures = []
-        for label, p in variants:
-            cfg = load_train_config(config, kind=p.name)
+        for label, p, kind in variants:
+            # a baseline reads only the config's scenario sets and reward weights
+            cfg = load_train_config(config, **({"kind": kind} if kind else {}))
             if on == "validation":
                 rows = validation_penalties(p, cfg, count_idle_actions=True)
                 weights = validation_weights(cfg)

@@ -67,6 +67,7 @@ from agents.inference import (
     weights_of,
 )
 from agents.networks import PolicyValueNet
+from agents.policy import Policy
 from agents.ppo_config import TrainConfig, build_ppo_config, load_train_config
 from agents.rollout import episode_seeds, rollout
 from checkpoints.storage import local_store_dir
@@ -278,27 +279,34 @@ class ScenarioPenalty:
 
 class _IdleActionCounter:
     """Wraps a policy and counts its actions (anything but ``observe``) on steps where the
-    simulator has no fault active as the policy decides. It asks for the ground truth and keeps
-    it from the wrapped policy, which decides on telemetry alone as before. (``bench quiet``,
-    ``cluster.quiet_probe``, also leaves out the steps on which a fault starts.)"""
+    simulator has no fault active as the policy decides. It asks for the ground truth and
+    passes it on only to a policy that reads it (a baseline such as ``oracle_capacity``); a
+    learned policy decides on telemetry alone as before. For a policy that is told of a fault
+    only once telemetry shows it (``oracle_shown``), "no fault active" means none shown.
+    (``bench quiet``, ``cluster.quiet_probe``, also leaves out the steps on which a fault
+    starts.)"""
 
     needs_ground_truth = True
 
-    def __init__(self, policy: LearnedPolicy):
+    def __init__(self, policy: Policy):
         self.policy, self.name, self.count = policy, policy.name, 0
+        self.ground_truth_shown_only = getattr(policy, "ground_truth_shown_only", False)
 
     def reset(self, ctx) -> None:
         self.policy.reset(ctx)
 
     def act(self, telemetry, truth):
-        action, stage = self.policy.act(telemetry)
+        if getattr(self.policy, "needs_ground_truth", False):
+            action, stage = self.policy.act(telemetry, truth)
+        else:
+            action, stage = self.policy.act(telemetry)
         quiet = ~truth.active.any(axis=1)
         self.count += int(((action != ACTION_ID["observe"]) & quiet).sum())
         return action, stage
 
 
 def penalties(
-    policy: LearnedPolicy,
+    policy: Policy,
     cfg: TrainConfig,
     scenarios: list[Scenario],
     *,
@@ -331,7 +339,7 @@ def penalties(
 
 
 def validation_penalties(
-    policy: LearnedPolicy, cfg: TrainConfig, *, count_idle_actions: bool = False
+    policy: Policy, cfg: TrainConfig, *, count_idle_actions: bool = False
 ) -> list[ScenarioPenalty]:
     """``penalties`` on the validation set (``validation_scenarios``, ``eval_episodes`` each,
     on seeds training never draws); ``validation_score`` weighs their totals with
@@ -347,7 +355,7 @@ def validation_penalties(
 
 
 def held_out_penalties(
-    policy: LearnedPolicy,
+    policy: Policy,
     cfg: TrainConfig,
     *,
     episodes: int,

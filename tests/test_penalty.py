@@ -115,8 +115,43 @@ def test_bench_penalty_prints_each_scenario_and_the_validation_score(tmp_path, m
     score = validation_score(export_bundle(tmp_path / "policy", "flat", nets, {}), _config())
     assert "memory-leak" in result.output and "validation-random" in result.output
     assert f"{score:.2f}" in result.output.split("all (the validation score)")[1]
-    refused = CliRunner().invoke(app, ["bench", "penalty", "--policy", "runbook"])
-    assert refused.exit_code == 2 and "learned kinds" in refused.output
+    refused = CliRunner().invoke(app, ["bench", "penalty", "--policy", "wizard"])
+    assert refused.exit_code == 2 and "neither a learned kind" in refused.output
+
+
+def test_bench_penalty_scores_a_baseline_beside_a_learned_version(tmp_path, monkeypatch):
+    """A baseline by name: the same validation score as its rollouts give, and a teacher that
+    reads the ground truth gets it (while its actions on quiet steps are counted)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from agents.inference import publish_nets
+    from agents.policy import make_policy
+    from cluster.cli import app
+    from cluster.train import weighted_score
+
+    monkeypatch.setenv("PIPEMEDIC_STORE_URI", str(tmp_path / "store"))
+    version = publish_nets("flat", _flat("observe"), root=None, run_id="test", iteration=0)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(_config().model_dump(mode="json", by_alias=True)))
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "penalty",
+            "--policy",
+            f"runbook,flat:v{version},oracle_capacity",
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    tables = result.output.split("Penalty of ")[1:]
+    assert [t.split(" ")[0] for t in tables] == ["runbook", f"flat:v{version}", "oracle_capacity"]
+    for name, table in (("runbook", tables[0]), ("oracle_capacity", tables[2])):
+        rows = validation_penalties(make_policy(name), _config())
+        score = weighted_score(rows, validation_weights(_config()))
+        assert f"{score:.2f}" in table.split("all (the validation score)")[1], name
 
 
 def test_held_out_penalties_meet_the_episodes_evaluate_meets():
