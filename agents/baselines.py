@@ -31,18 +31,22 @@ class BacklogTrend:
     """
 
     def __init__(self) -> None:
-        self.previous: np.ndarray | None = None
-        self.before: np.ndarray | None = None
+        self.last: np.ndarray | None = None
+        self.rises: np.ndarray | None = None  # readings in a row that rose
 
     def update(self, queue: np.ndarray) -> np.ndarray:
         """Take this step's queue readings (missing ones already filled); return the mask."""
-        if self.previous is None or self.before is None:
-            growing = np.zeros(queue.shape, dtype=bool)
+        if self.last is None:
+            self.rises = np.zeros(queue.shape, dtype=np.int64)
         else:
-            growing = (queue > self.previous) & (self.previous > self.before)
-        self.before = self.previous if self.previous is not None else queue.copy()
-        self.previous = queue.copy()
-        return growing
+            self.rises = np.where(queue > self.last, self.rises + 1, 0)
+        self.last = queue.copy()
+        return self.rises >= 2
+
+
+def _backlog(queue: np.ndarray, inflow: np.ndarray, th: RunbookThresholds) -> np.ndarray:
+    """Stages holding more than ``th.queue_s`` seconds of their inflow in the queue."""
+    return queue > th.queue_s * np.maximum(inflow, 1.0)
 
 
 def _slo_breached(ctx: EpisodeContext, last: np.ndarray) -> np.ndarray:
@@ -148,7 +152,8 @@ class OracleCapacityPolicy(OraclePolicy):
     wait among those with a backlog while observed SLOs are breached, or among those whose
     backlog keeps growing (``BacklogTrend``) before they are (cooling down
     ``COOLDOWN_STEPS['scale_out']`` steps per stage); when all is healthy it gives back replicas
-    that sit idle. The capacity rules and thresholds are the runbook's. Training imitates it
+    that sit idle. The thresholds are the runbook's (which picks the longest queue where this
+    picks the longest wait, and also scales out a hot CPU). Training imitates it
     (``warm_start.teacher``).
     """
 
@@ -178,7 +183,7 @@ class OracleCapacityPolicy(OraclePolicy):
         out = self.last_stage[:, :, STAGE_INDEX["throughput_out_rps"]]
         replicas = self.last_stage[:, :, STAGE_INDEX["replicas"]]
         cpu = self.last_stage[:, :, STAGE_INDEX["cpu"]]
-        backlog = queue > self.th.queue_s * np.maximum(inflow, 1.0)
+        backlog = _backlog(queue, inflow, self.th)
         growing = backlog & self.trend.update(queue)
         wait = queue / np.maximum(out, 1.0)
         free = actions == OBSERVE
@@ -322,12 +327,12 @@ class RunbookPolicy:
         self.sustained_stage = np.minimum(
             self.last_stage, previous if previous is not None else self.last_stage
         )
-        self.growing = self.trend.update(self.last_stage[:, :, STAGE_INDEX["queue"]])
+        growing = self.trend.update(self.last_stage[:, :, STAGE_INDEX["queue"]])
         breached = _slo_breached(self.ctx, self.last_pipeline)
         actions = np.full(self.ctx.n, OBSERVE, dtype=np.int64)
         targets = np.zeros(self.ctx.n, dtype=np.int64)
         for b in range(self.ctx.n):
-            name, stage = self._decide(b, tel.step, bool(breached[b]))
+            name, stage = self._decide(b, tel.step, bool(breached[b]), growing[b])
             actions[b] = ACTION_ID[name]
             targets[b] = stage
             if name not in ("observe", "escalate"):
@@ -335,7 +340,8 @@ class RunbookPolicy:
         return actions, targets
 
     # -- one pipeline ---------------------------------------------------------------------
-    def _decide(self, b: int, t: int, breached: bool) -> tuple[str, int]:
+    def _decide(self, b: int, t: int, breached: bool, growing: np.ndarray) -> tuple[str, int]:
+        """One pipeline's action; ``growing``: its stages whose queue rose twice in a row."""
         th, mem = self.th, self.mem[b]
         st = {m: self.last_stage[b, :, i] for m, i in STAGE_INDEX.items()}
         pl = {m: self.last_pipeline[b, i] for m, i in PIPELINE_INDEX.items()}
@@ -344,6 +350,15 @@ class RunbookPolicy:
 
         def ready(action: str, stage: int) -> bool:
             return mem.cooldown_until.get((action, stage), -1) <= t
+
+        def scale_out(stage: int) -> bool:
+            """Whether ``stage`` may take one more replica now; if so, count it."""
+            if st["replicas"][stage] >= self.ctx.params.max_replicas or not ready(
+                "scale_out", stage
+            ):
+                return False
+            mem.scale_outs[stage] = mem.scale_outs.get(stage, 0) + 1
+            return True
 
         def first_stage(signal: np.ndarray, threshold: float) -> int | None:
             over = np.flatnonzero(np.nan_to_num(signal) > threshold)
@@ -422,28 +437,25 @@ class RunbookPolicy:
                 parent_surging = parent >= 0 and surge[parent]
                 if not parent_surging and ready("throttle", int(s)):
                     return "throttle", int(s)
-        backlog = st["queue"] > th.queue_s * np.maximum(st["throughput_in_rps"], 1.0)
+        backlog = _backlog(st["queue"], st["throughput_in_rps"], th)
         hot = (sustained["cpu"] > th.cpu_hot) & backlog
         for s in np.flatnonzero(hot):
             s = int(s)
             if mem.scale_outs.get(s, 0) >= 2 and ready("failover", s):
                 mem.scale_outs[s] = 0
                 return "failover", s
-            if st["replicas"][s] < self.ctx.params.max_replicas and ready("scale_out", s):
-                mem.scale_outs[s] = mem.scale_outs.get(s, 0) + 1
+            if scale_out(s):
                 return "scale_out", s
         if breached and backlog.any():
             s = int(np.nanargmax(st["queue"]))
-            if st["replicas"][s] < self.ctx.params.max_replicas and ready("scale_out", s):
-                mem.scale_outs[s] = mem.scale_outs.get(s, 0) + 1
+            if scale_out(s):
                 return "scale_out", s
         # A backlog that grew on each of the last two readings will reach the latency SLO:
         # add capacity before it does, to the longest such queue.
-        growing = backlog & self.growing[b]
-        if growing.any():
-            s = int(np.argmax(np.where(growing, st["queue"], -np.inf)))
-            if st["replicas"][s] < self.ctx.params.max_replicas and ready("scale_out", s):
-                mem.scale_outs[s] = mem.scale_outs.get(s, 0) + 1
+        building = backlog & growing
+        if building.any():
+            s = int(np.argmax(np.where(building, st["queue"], -np.inf)))
+            if scale_out(s):
                 return "scale_out", s
 
         # 4. Nothing worked for five minutes: get a human.

@@ -790,8 +790,8 @@ def bench_penalty_cmd(
     """The training objective's penalty of each version (or baseline), with its own decision
     rule, split per scenario and per term, and its actions while no fault was open: on the
     validation set (the validation score) or on the held-out scenarios (for reporting only)."""
-    from agents.inference import AGENTS_OF_KIND, LearnedPolicy
-    from agents.policy import available_policies, make_policy
+    from agents.inference import LearnedPolicy
+    from agents.policy import make_policy
     from agents.ppo_config import load_train_config
     from cluster.train import (
         PENALTY_TERMS,
@@ -804,21 +804,13 @@ def bench_penalty_cmd(
         fail(PipemedicError(f"--on takes validation or held-out, got {on!r}"))
     try:
         names = [p.strip() for p in policy.split(",") if p.strip()]
-        known = [n for n in available_policies() if n not in AGENTS_OF_KIND]
-        for name in names:
-            if name not in known and name.partition(":")[0] not in AGENTS_OF_KIND:
-                raise PipemedicError(
-                    f"--policy: {name!r} is neither a learned kind (KIND or KIND:vN, KIND in "
-                    f"{sorted(AGENTS_OF_KIND)}) nor a baseline ({', '.join(known)})"
-                )
-        learned_names = [n for n in names if n not in known]
-        learned = iter(stored_policies(",".join(learned_names)) if learned_names else ())
-        variants = []
-        for name in names:
-            if name in known:
-                variants.append((name, make_policy(name), None))
+        if not names:
+            raise PipemedicError("--policy names no policy")
+        variants = []  # (label, policy, learned kind or None for a baseline)
+        for p in map(make_policy, names):  # a baseline, KIND or KIND:vN
+            if not isinstance(p, LearnedPolicy):
+                variants.append((p.name, p, None))
                 continue
-            p = next(learned)
             variants.append((p.version, p, p.name))
             if greedy and any(p.rule().values()):
                 plain = LearnedPolicy(p.manifest, p.nets)

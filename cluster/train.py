@@ -296,10 +296,9 @@ class _IdleActionCounter:
         self.policy.reset(ctx)
 
     def act(self, telemetry, truth):
-        if getattr(self.policy, "needs_ground_truth", False):
-            action, stage = self.policy.act(telemetry, truth)
-        else:
-            action, stage = self.policy.act(telemetry)
+        action, stage = self.policy.act(
+            telemetry, truth if self.policy.needs_ground_truth else None
+        )
         quiet = ~truth.active.any(axis=1)
         self.count += int(((action != ACTION_ID["observe"]) & quiet).sum())
         return action, stage

@@ -276,12 +276,13 @@ class PipelineMedicEnv(MultiAgentEnv):
         self.encoder.record_action(actions, self.encoder.slots[stages])
         self.encoder.update(tel)
         out = sim.history[-1]
+        penalty = self._step_penalty(out)
         open_now = sim.fault_active().sum(axis=1)
-        whole = -(self._step_penalty(out) + w.open * 0.5 * (open_before + open_now))
+        whole = -(penalty + w.open * 0.5 * (open_before + open_now))
         rewards = {agent_id(self.top, i): float(whole[i]) for i in range(k)}
         if len(acted):
             if counterfactual:
-                harm = self._step_penalty(out) - self._step_penalty(counterfactual[0])
+                harm = penalty - self._step_penalty(counterfactual[0])
                 if len(counterfactual) > 1:
                     harm += np.where(lasting, self._later_harm(counterfactual[1:]), 0.0)
             else:

@@ -116,7 +116,7 @@ def test_bench_penalty_prints_each_scenario_and_the_validation_score(tmp_path, m
     assert "memory-leak" in result.output and "validation-random" in result.output
     assert f"{score:.2f}" in result.output.split("all (the validation score)")[1]
     refused = CliRunner().invoke(app, ["bench", "penalty", "--policy", "wizard"])
-    assert refused.exit_code == 2 and "neither a learned kind" in refused.output
+    assert refused.exit_code == 2 and "unknown policy 'wizard'" in refused.output
 
 
 def test_bench_penalty_scores_a_baseline_beside_a_learned_version(tmp_path, monkeypatch):
