@@ -11,7 +11,10 @@ Layout
     pipeline's usual inflow, latency and freshness relative to their SLO). The encoder keeps,
     per pipeline, the last value seen of every metric (telemetry is partial: a missing value
     repeats the last one), a slow moving average, its picture of "usual", and a fast one of the
-    last few steps. The observation has three blocks (``FEATURE_BLOCKS``): the current value,
+    last few steps. "Usual" starts at a metric's first *observed* reading and is the plain mean
+    of the readings until the slow average's memory is reached (rate ``max(1/k, BASELINE_RATE)``
+    after ``k`` readings), so neither one noisy first reading nor a first reading that was
+    missing (which would read as zero) stays in it for the next hundred steps. The observation has three blocks (``FEATURE_BLOCKS``): the current value,
     its departure from usual, and the recent average, which carries a third of a single
     reading's noise variance, so a slow climb (a memory leak's) stands out of the noise
     sooner; then the last action taken.
@@ -31,6 +34,7 @@ Action spaces
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +97,24 @@ DOMAIN_STAGE_METRICS: dict[str, tuple[str, ...]] = {
 }
 # Pipeline-wide features (after squashing): the 7 raw metrics plus 3 SLO ratios.
 _N_PIPELINE_FEATURES = 10
+# The pipeline metric (PIPELINE_METRICS index) each pipeline feature is made of, in order.
+_PIPELINE_FEATURE_SOURCE = np.array(
+    [
+        PIPELINE_INDEX[m]
+        for m in (
+            "e2e_latency_p99_s",
+            "e2e_error_rate",
+            "freshness_s",
+            "model_accuracy",
+            "prediction_psi",
+            "model_age_steps",
+            "human_paged",
+            "e2e_latency_p99_s",
+            "e2e_error_rate",
+            "freshness_s",
+        )
+    ]
+)
 #: Observation values are clipped to this range (they are squashed to about [-2, 10] anyway).
 OBS_BOUND = 10.0
 # How fast the picture of "usual" follows the telemetry (per step; ~50 steps of memory).
@@ -183,6 +205,10 @@ class ObservationEncoder:
         self._usual: np.ndarray | None = None
         self._recent: np.ndarray | None = None
         self._usual_inflow: np.ndarray | None = None
+        # Per feature (and per pipeline for the inflow): readings seen so far, which set the
+        # rate at which "usual" follows (module docstring); 0 until the first observed one.
+        self._seen: np.ndarray | None = None
+        self._inflow_seen = np.zeros(self.n)
         self.last_action = np.full(self.n, ACTION_ID["observe"], dtype=np.int64)
         self.last_slot = np.zeros(self.n, dtype=np.int64)
         self.steps_since_action = np.zeros(self.n)
@@ -195,33 +221,31 @@ class ObservationEncoder:
         """Take in the next telemetry snapshot (call once per step, before ``observe``)."""
         stage = tel.stage.astype(np.float64)
         pipe = tel.pipeline.astype(np.float64)
+        stage_seen, pipe_seen = ~np.isnan(stage), ~np.isnan(pipe)
         if self._last_stage is None:
-            # Nothing seen yet: a missing value reads as zero (the pipeline's quiet state).
+            # Nothing seen yet: a missing value reads as zero (the pipeline's quiet state) until
+            # its first reading; it does not enter "usual" (see _follow_rates).
             self._last_stage = np.zeros_like(stage)
             self._last_pipeline = np.zeros_like(pipe)
             self._last_pipeline[:, PIPELINE_INDEX["model_accuracy"]] = self.params.base_accuracy
-        stage = np.where(np.isnan(stage), self._last_stage, stage)
-        pipe = np.where(np.isnan(pipe), self._last_pipeline, pipe)
+        stage = np.where(stage_seen, stage, self._last_stage)
+        pipe = np.where(pipe_seen, pipe, self._last_pipeline)
         self._last_stage, self._last_pipeline = stage, pipe
 
-        inflow = stage[:, 0, STAGE_INDEX["throughput_in_rps"]]
-        if self._usual_inflow is None:
-            self._usual_inflow = np.maximum(inflow, 1.0)
-        else:
-            # Floored at 1 rps like the first reading: a usual inflow that decays towards 0
-            # makes every rate over it huge, and a reading near the float limit over one below
-            # 1 overflowed to inf (so the departure from usual came out inf or NaN).
-            self._usual_inflow = np.maximum(
-                self._usual_inflow + BASELINE_RATE * (inflow - self._usual_inflow), 1.0
-            )
+        self._update_usual_inflow(tel.stage[:, :, STAGE_INDEX["throughput_in_rps"]])
         current = self._squash(stage, pipe)
         if self._usual is None:
             self._usual = current.copy()
             self._recent = current.copy()
-        else:
-            self._recent += RECENT_RATE * (current - self._recent)
+            self._seen = np.zeros_like(current)
+        usual_rate, first = self._follow_rates(stage_seen, pipe_seen)
+        # A feature read for the first time starts both averages at its reading.
+        self._usual = np.where(first, current, self._usual)
+        self._recent = np.where(
+            first, current, self._recent + RECENT_RATE * (current - self._recent)
+        )
         self.features = np.concatenate([current, current - self._usual, self._recent], axis=1)
-        self._usual += BASELINE_RATE * (current - self._usual)
+        self._usual += usual_rate * (current - self._usual)
 
         slots = np.zeros((self.n, N_SLOTS))
         slots[:, self.slots] = stage[:, :, STAGE_INDEX["replicas"]]
@@ -231,10 +255,54 @@ class ObservationEncoder:
     def copy(self) -> ObservationEncoder:
         """An independent copy (cheap: the parameters and topology are shared, read-only)."""
         twin = copy.copy(self)
-        for name in ("_usual", "_recent", "_usual_inflow"):  # the only arrays updated in place
+        # The arrays updated in place (the others are replaced whole on each update).
+        for name in ("_usual", "_recent", "_usual_inflow", "_seen", "_inflow_seen"):
             value = getattr(self, name)
             setattr(twin, name, None if value is None else value.copy())
         return twin
+
+    def _update_usual_inflow(self, inflow: np.ndarray) -> None:
+        """Follow the pipeline's usual inflow (rps) from this step's raw stage inflows
+        (n, n_stages), NaN where missing. Ingest's reading is the pipeline's inflow; when it is
+        missing, the mean of the other stages' readings stands in (records pass through every
+        stage, so each sees about the same rate). The first reading sets it and the mean of
+        the readings follows until ``BASELINE_RATE`` takes over, as for "usual"."""
+        ingest = inflow[:, 0]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a step with no reading at all
+            others = np.nanmean(inflow, axis=1)
+        reading = np.where(np.isnan(ingest), others, ingest)
+        read = ~np.isnan(reading)
+        if self._usual_inflow is None:
+            self._usual_inflow = np.ones(self.n)
+        self._inflow_seen += read
+        rate = np.where(
+            read, np.maximum(1.0 / np.maximum(self._inflow_seen, 1.0), BASELINE_RATE), 0.0
+        )
+        # Floored at 1 rps: a usual inflow near 0 makes every rate over it huge, and a reading
+        # near the float limit over one below 1 overflowed to inf (the departure came out inf).
+        self._usual_inflow = np.maximum(
+            self._usual_inflow + rate * (np.nan_to_num(reading) - self._usual_inflow), 1.0
+        )
+
+    def _follow_rates(
+        self, stage_seen: np.ndarray, pipe_seen: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per feature, the rate at which "usual" follows this step's value and whether the
+        feature was read for the first time now, both (n, n_features). A feature counts as
+        read once its telemetry value (or, for the pipeline features, the metric it is made
+        of) has been observed; until then "usual" simply equals the current value."""
+        seen = np.ones((self.n, N_SLOTS, len(STAGE_METRICS)), dtype=bool)
+        seen[:, self.slots] = stage_seen
+        seen = np.concatenate(
+            [seen.reshape(self.n, -1), pipe_seen[:, _PIPELINE_FEATURE_SOURCE]], axis=1
+        )
+        first = seen & (self._seen == 0)
+        self._seen += seen
+        rate = np.where(
+            self._seen > 0, np.maximum(1.0 / np.maximum(self._seen, 1.0), BASELINE_RATE), 1.0
+        )
+        return rate, first
 
     def last_values(self) -> tuple[np.ndarray, np.ndarray]:
         """The raw telemetry as last seen, gaps filled with earlier values: stage metrics

@@ -269,6 +269,59 @@ def test_the_recent_block_averages_the_last_readings_and_every_view_has_it():
     assert enc.observe("infra")[0, at] == pytest.approx(0.8)
 
 
+def _snapshot(mem: float = 0.5, inflow: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """One pipeline's raw telemetry arrays (stage, pipeline) with every stage alike."""
+    from envs.telemetry import PIPELINE_METRICS, STAGE_INDEX, STAGE_METRICS
+
+    stage = np.full((1, len(STAGES), len(STAGE_METRICS)), 0.01)
+    stage[0, :, STAGE_INDEX["throughput_in_rps"]] = inflow
+    stage[0, :, STAGE_INDEX["mem"]] = mem
+    return stage, np.full((1, len(PIPELINE_METRICS)), 0.01)
+
+
+def test_usual_starts_at_the_first_reading_seen_not_at_a_missing_one():
+    from envs.telemetry import STAGE_INDEX, Telemetry
+
+    mem = STAGE_INDEX["mem"]
+    enc = ObservationEncoder(STAGES, SimParams(), n=1)
+    stage, pipe = _snapshot()
+    stage[0, 1, mem] = np.nan  # validate's memory is missing from the very first snapshot
+    enc.update(Telemetry(STAGES, stage, pipe, step=0))
+    assert enc.block("departure")[0][0, 1, mem] == 0.0  # nothing read: nothing departs
+    stage, pipe = _snapshot(mem=0.5)
+    enc.update(Telemetry(STAGES, stage, pipe, step=1))
+    # Read now for the first time: it is the usual, not 0.5 above a "usual" of zero (which,
+    # followed at 2% a step, used to stay above 0.3 for the next 20 steps).
+    assert enc.block("departure")[0][0, 1, mem] == pytest.approx(0.0)
+    assert enc.block("recent")[0][0, 1, mem] == pytest.approx(0.5)
+
+
+def test_usual_is_the_mean_of_the_first_readings():
+    from envs.telemetry import STAGE_INDEX, Telemetry
+
+    mem = STAGE_INDEX["mem"]
+    enc = ObservationEncoder(STAGES, SimParams(), n=1)
+    for t, reading in enumerate((0.4, 0.6, 0.5)):
+        stage, pipe = _snapshot(mem=reading)
+        enc.update(Telemetry(STAGES, stage, pipe, step=t))
+    # Before the third update usual was mean(0.4, 0.6) = 0.5, so 0.5 departs by nothing; a
+    # 2%-a-step average started at the first reading would still sit near 0.40.
+    assert enc.block("departure")[0][0, 0, mem] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_missing_first_ingest_inflow_is_read_from_the_other_stages():
+    from envs.telemetry import STAGE_INDEX, Telemetry
+
+    tin = STAGE_INDEX["throughput_in_rps"]
+    enc = ObservationEncoder(STAGES, SimParams(), n=1)
+    stage, pipe = _snapshot(inflow=100.0)
+    stage[0, 0, tin] = np.nan
+    enc.update(Telemetry(STAGES, stage, pipe, step=0))
+    # Inflow is squashed as reading / usual / 2: at its usual rate a stage reads 0.5. Taking
+    # the missing reading as 0 made the usual 1 rps and every stage read 50 (a huge surge).
+    assert enc.block("current")[0][0, 1, tin] == pytest.approx(0.5)
+
+
 def test_escalate_is_masked_while_a_human_is_on_the_way():
     env = make_env(pipelines=1)
     obs, _ = env.reset(seed=0)
