@@ -47,7 +47,6 @@ from envs.catalogue import (
     DOMAINS,
     FAULT_TYPES,
     FAULTS_BY_DOMAIN,
-    MASTER_ACTIONS,
     SIM_ACTIONS,
     best_cure,
     master_action_name,
@@ -144,12 +143,6 @@ class WarmStartConfig(BaseModel):
         le=1,
         description="share of a specialist's observe labels kept (most steps are quiet)",
     )
-    specialist_observe_when_asked: bool = Field(
-        False,
-        description="keep every observe label of a specialist on the steps where the acting "
-        "master (teacher or student) delegated to it: there a wrong delegation is exactly "
-        "where the specialist must learn to wait (README)",
-    )
 
 
 class _Samples:
@@ -241,7 +234,6 @@ def collect(
     teacher: str = "oracle",
     teacher_waits: bool = False,
     specialists_wait: bool = True,
-    observe_when_asked: bool = False,
 ) -> tuple[dict[str, _Samples], int]:
     """Run episodes in the training environment; return labelled samples and the number of
     simulated pipeline steps used.
@@ -252,8 +244,7 @@ def collect(
     ``observe_keep`` of their ``observe`` labels are kept. With ``teacher_waits`` the teacher
     (labels and acting alike) sees only the faults that telemetry shows already; with
     ``specialists_wait`` false that holds for the acting role only, and the specialists' labels
-    come from every active fault. With ``observe_when_asked`` a specialist's ``observe`` label
-    is always kept on a step where the acting master delegated to it.
+    come from every active fault.
     """
     env = PipelineMedicEnv(env_cfg.model_copy(update={"pipelines": pipelines}))
     rng = np.random.default_rng(seed)
@@ -282,6 +273,8 @@ def collect(
                     domain = _domain_labels(env, teach_action, teach_slot, domain_truth)
                 else:
                     domain = {}
+                for d, (action, slot) in domain.items():
+                    _add_specialist_samples(samples[d], env, d, action, slot, rng, observe_keep)
                 labels = _teacher_labels(env, teach_action, teach_slot, top)
                 for i in range(env.k):
                     aid = agent_id(top, i)
@@ -297,16 +290,6 @@ def collect(
                     last_index[aid] = len(s.reward) - 1
                     acts_itself = follow_teacher[i] or nets is None
                     actions[aid] = label if acts_itself else _student_action(nets[top], o)
-                for d, (action, slot) in domain.items():
-                    asked = None
-                    if observe_when_asked:
-                        delegate = MASTER_ACTIONS.index(f"delegate_{d}")
-                        asked = np.array(
-                            [actions[agent_id(top, i)] == delegate for i in range(env.k)]
-                        )
-                    _add_specialist_samples(
-                        samples[d], env, d, action, slot, rng, observe_keep, asked
-                    )
             else:  # specialists the master delegated to
                 specialist_labels = {}
                 for aid, o in obs.items():
@@ -325,19 +308,16 @@ def collect(
     return samples, used
 
 
-def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep, asked=None) -> None:
+def _add_specialist_samples(s, env, role, action, slot, rng, observe_keep) -> None:
     """Append one labelled sample per pipeline; an ``observe`` label is kept with probability
-    ``observe_keep``, or always where ``asked`` (per pipeline, when given) is true."""
+    ``observe_keep``."""
     layout = LAYOUTS[role]
     obs = np.clip(env.encoder.observe(role), -OBS_BOUND, OBS_BOUND)
     mask = env.encoder.action_mask(role)
     for i in range(env.k):
         name = SIM_ACTIONS[action[i]]
         label = layout.encode(name, slot[i] if name != "observe" else 0)
-        keep_observe = asked is not None and asked[i]
-        if mask[i, label] == 0 or (
-            name == "observe" and not keep_observe and rng.random() > observe_keep
-        ):
+        if mask[i, label] == 0 or (name == "observe" and rng.random() > observe_keep):
             continue
         s.obs.append(obs[i])
         s.mask.append(mask[i])
@@ -511,7 +491,6 @@ def warm_start(
             teacher=cfg.teacher,
             teacher_waits=cfg.teacher_waits,
             specialists_wait=cfg.specialists_wait,
-            observe_when_asked=cfg.specialist_observe_when_asked,
         )
         total += used
         for role, s in data.items():  # DAgger: train on everything collected so far

@@ -107,24 +107,6 @@ def test_specialists_that_do_not_wait_learn_the_leak_from_its_onset():
     assert _first_step_labelled("infra", restarts, **waiting, specialists_wait=False) == 1
 
 
-def test_a_specialist_asked_by_a_false_alarm_keeps_its_observe_label_when_told_to():
-    # A student master that delegates to infra on every step of a pipeline with no fault: each
-    # ask is a false alarm, where the infra specialist's right answer is observe.
-    quiet = Scenario.model_validate({"name": "quiet", "duration_steps": 20, "faults": []})
-    cfg = EnvConfig(scenarios=(quiet,), random={"share": 0.0}, pipelines=2)
-    nets = {a: PolicyValueNet(*agent_sizes(a), [16]) for a in ("master", *DOMAINS)}
-    with torch.no_grad():
-        nets["master"].pi[-1].bias[LAYOUTS["master"].encode("delegate_infra")] = 50.0
-    # Almost no observe label is kept by chance: what is kept, is kept for being asked.
-    run = dict(steps=20, teacher_share=0.0, pipelines=2, seed=0, observe_keep=1e-9)
-    observe = LAYOUTS["infra"].encode("observe")
-    data, _ = collect(cfg, nets, **run)
-    assert observe not in data["infra"].label
-    data, _ = collect(cfg, nets, **run, observe_when_asked=True)
-    assert data["infra"].label == [observe] * 40  # the episode: 20 steps x 2 pipelines, all asked
-    assert not data["drift"].label and not data["quality"].label  # never asked
-
-
 def test_fit_learns_the_labels():
     scenario = single_fault_scenario("duplicate_burst", at=3, steps=30)
     cfg = EnvConfig(scenarios=(scenario,), random={"share": 0.0}, pipelines=8)
