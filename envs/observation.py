@@ -34,6 +34,7 @@ Action spaces
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ from envs.catalogue import (
     SPECIALIST_ACTIONS,
     STAGES,
 )
-from envs.params import SimParams
+from envs.params import SimParams, SloParams
 from envs.telemetry import PIPELINE_INDEX, STAGE_INDEX, STAGE_METRICS, Telemetry
 
 N_SLOTS = len(STAGES)
@@ -94,26 +95,6 @@ DOMAIN_STAGE_METRICS: dict[str, tuple[str, ...]] = {
         "dedupe_on",
     ),
 }
-# Pipeline-wide features (after squashing): the 7 raw metrics plus 3 SLO ratios.
-_N_PIPELINE_FEATURES = 10
-# The pipeline metric (PIPELINE_METRICS index) each pipeline feature is made of, in order.
-_PIPELINE_FEATURE_SOURCE = np.array(
-    [
-        PIPELINE_INDEX[m]
-        for m in (
-            "e2e_latency_p99_s",
-            "e2e_error_rate",
-            "freshness_s",
-            "model_accuracy",
-            "prediction_psi",
-            "model_age_steps",
-            "human_paged",
-            "e2e_latency_p99_s",
-            "e2e_error_rate",
-            "freshness_s",
-        )
-    ]
-)
 #: Observation values are clipped to this range (they are squashed to about [-2, 10] anyway).
 OBS_BOUND = 10.0
 # How fast the picture of "usual" follows the telemetry (per step; ~50 steps of memory).
@@ -136,6 +117,32 @@ def clip(x: np.ndarray, low: float, high: float) -> np.ndarray:
 def _lograte(x: np.ndarray) -> np.ndarray:
     """A rate in [1e-4, 1] on a log scale mapped to [0, 1]."""
     return np.log10(clip(x, 1e-4, 1.0) * 1e4) / 4.0
+
+
+# Pipeline-wide features, in order: (the pipeline metric it is made of, how it is squashed given
+# the SLOs): the 7 raw metrics, then 3 SLO ratios. What a feature is made of also tells the
+# encoder when it has been read (ObservationEncoder._follow_rates).
+_PIPELINE_FEATURES: tuple[tuple[str, Callable[[np.ndarray, SloParams], np.ndarray]], ...] = (
+    ("e2e_latency_p99_s", lambda x, slo: np.log1p(x) / 6),
+    ("e2e_error_rate", lambda x, slo: _lograte(x)),
+    ("freshness_s", lambda x, slo: np.log1p(x) / 8),
+    ("model_accuracy", lambda x, slo: clip(x, 0, 1)),
+    ("prediction_psi", lambda x, slo: np.log1p(clip(x, 0, 100))),
+    ("model_age_steps", lambda x, slo: np.log1p(x) / 12),
+    ("human_paged", lambda x, slo: x),
+    ("e2e_latency_p99_s", lambda x, slo: clip(x / slo.p99_latency_s, 0, 10) / 10),
+    ("e2e_error_rate", lambda x, slo: clip(x / slo.error_rate, 0, 10) / 10),
+    ("freshness_s", lambda x, slo: clip(x / slo.freshness_s, 0, 10) / 10),
+)
+_N_PIPELINE_FEATURES = len(_PIPELINE_FEATURES)
+_PIPELINE_FEATURE_SOURCE = np.array([PIPELINE_INDEX[m] for m, _ in _PIPELINE_FEATURES])
+
+
+def _follow_rate(readings: np.ndarray) -> np.ndarray:
+    """The rate at which a "usual" value follows a reading, given how many readings it has
+    taken in (this one included): the plain mean of them (1/k) until ``BASELINE_RATE`` is
+    larger; 1 before any (the usual is the current value)."""
+    return np.maximum(1.0 / np.maximum(readings, 1.0), BASELINE_RATE)
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,7 @@ class ObservationEncoder:
         self._last_pipeline: np.ndarray | None = None
         self._usual: np.ndarray | None = None
         self._recent: np.ndarray | None = None
-        self._usual_inflow: np.ndarray | None = None
+        self._usual_inflow = np.ones(self.n)  # rps; the first reading replaces it
         # Per feature (and per pipeline for the inflow): readings seen so far, which set the
         # rate at which "usual" follows (module docstring); 0 until the first observed one.
         self._seen: np.ndarray | None = None
@@ -283,12 +290,8 @@ class ObservationEncoder:
             others = np.where(read_at, inflow, 0.0).sum(axis=1) / np.maximum(count, 1)
             reading = np.where(missing & (count > 0), others, reading)
         read = ~np.isnan(reading)
-        if self._usual_inflow is None:
-            self._usual_inflow = np.ones(self.n)
         self._inflow_seen += read
-        rate = np.where(
-            read, np.maximum(1.0 / np.maximum(self._inflow_seen, 1.0), BASELINE_RATE), 0.0
-        )
+        rate = np.where(read, _follow_rate(self._inflow_seen), 0.0)
         # Floored at 1 rps: a usual inflow near 0 makes every rate over it huge, and a reading
         # near the float limit over one below 1 overflowed to inf (the departure came out inf).
         self._usual_inflow = np.maximum(
@@ -307,10 +310,7 @@ class ObservationEncoder:
         seen = readings[:, self._feature_source]
         first = seen & (self._seen == 0)
         self._seen += seen
-        rate = np.where(
-            self._seen > 0, np.maximum(1.0 / np.maximum(self._seen, 1.0), BASELINE_RATE), 1.0
-        )
-        return rate, first
+        return _follow_rate(self._seen), first
 
     def last_values(self) -> tuple[np.ndarray, np.ndarray]:
         """The raw telemetry as last seen, gaps filled with earlier values: stage metrics
@@ -345,24 +345,8 @@ class ObservationEncoder:
         s[..., ix["feature_psi"]] = np.log1p(clip(stage[..., ix["feature_psi"]], 0, 100))
         x[:, self.slots] = s
 
-        q, slo = PIPELINE_INDEX, p.slo
-        lat = pipe[:, q["e2e_latency_p99_s"]]
-        err = pipe[:, q["e2e_error_rate"]]
-        fresh = pipe[:, q["freshness_s"]]
-        acc = pipe[:, q["model_accuracy"]]
         pf = np.stack(
-            [
-                np.log1p(lat) / 6,
-                _lograte(err),
-                np.log1p(fresh) / 8,
-                clip(acc, 0, 1),
-                np.log1p(clip(pipe[:, q["prediction_psi"]], 0, 100)),
-                np.log1p(pipe[:, q["model_age_steps"]]) / 12,
-                pipe[:, q["human_paged"]],
-                clip(lat / slo.p99_latency_s, 0, 10) / 10,
-                clip(err / slo.error_rate, 0, 10) / 10,
-                clip(fresh / slo.freshness_s, 0, 10) / 10,
-            ],
+            [squash(pipe[:, PIPELINE_INDEX[m]], p.slo) for m, squash in _PIPELINE_FEATURES],
             axis=1,
         )
         return np.concatenate([x.reshape(self.n, -1), pf], axis=1)

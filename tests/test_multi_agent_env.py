@@ -309,6 +309,25 @@ def test_usual_is_the_mean_of_the_first_readings():
     assert enc.block("departure")[0][0, 0, mem] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_a_pipeline_metric_missing_at_first_starts_its_features_usual_when_read():
+    from envs.telemetry import PIPELINE_INDEX, Telemetry
+
+    fresh = PIPELINE_INDEX["freshness_s"]
+    enc = ObservationEncoder(STAGES, SimParams(), n=1)
+    stage, pipe = _snapshot()
+    pipe[0, fresh] = np.nan
+    enc.update(Telemetry(STAGES, stage, pipe, step=0))
+    stage, pipe = _snapshot()
+    pipe[0, fresh] = 60.0
+    enc.update(Telemetry(STAGES, stage, pipe, step=1))
+    # Both features made of freshness (its squashed value and its ratio to the SLO) start
+    # their usual at this first reading; the other pipeline features were read at step 0.
+    departure = enc.block("departure")[1][0]
+    current = enc.block("current")[1][0]
+    assert current[2] > 0 and current[9] > 0  # freshness and freshness / SLO are there
+    assert departure == pytest.approx(np.zeros_like(departure))
+
+
 def test_a_missing_first_ingest_inflow_is_read_from_the_other_stages():
     from envs.telemetry import STAGE_INDEX, Telemetry
 
