@@ -22,6 +22,8 @@ Rewards (weights in ``RewardWeights``, set in ``configs/train.yaml``)
     a specialist, on the step it acts, for what its own action did:
         + cure·[the action addressed an open fault with no fix under way]
         − (the step's slo, lost and cost terms above − the same terms had it observed)
+        − specialist_open·(faults of its own domain open after the step, no cure under way;
+          0 by default, and then a specialist loses nothing by waiting to be asked again)
     The second term is measured, not modelled: the simulator runs the step a second time with
     ``observe`` in place of the specialists' actions and the same random numbers
     (``PipelineSim.counterfactual_rollout``), so a restart's downtime or a failover's halved
@@ -49,10 +51,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
-from envs.catalogue import ACTION_ID, DOMAINS, MASTER_ACTIONS, SIM_ACTIONS
+from envs.catalogue import (
+    ACTION_ID,
+    DOMAINS,
+    FAULT_DOMAIN,
+    FAULT_TYPES,
+    MASTER_ACTIONS,
+    SIM_ACTIONS,
+)
 from envs.observation import LAYOUTS, OBS_BOUND, ObservationEncoder, observation_size
 from envs.params import STEP_SECONDS, SimParams
-from envs.scenario import Load, RandomBursts, RandomFaults, Scenario
+from envs.scenario import NEVER, Load, RandomBursts, RandomFaults, Scenario
 from envs.simulator import PipelineSim, StepOutcome
 
 MASTER = "master"
@@ -60,6 +69,8 @@ FLAT = "flat"
 HIERARCHICAL_AGENTS: tuple[str, ...] = (MASTER, *DOMAINS)
 # Actions whose effect (a replica more or less) outlasts their step: rewards.capacity_credit_steps.
 _CAPACITY_ACTIONS = [ACTION_ID["scale_out"], ACTION_ID["scale_in"]]
+# Index into DOMAINS of each fault type (indexed like FAULT_TYPES, as the simulator's f_type is).
+_DOMAIN_OF_FAULT = np.array([DOMAINS.index(FAULT_DOMAIN[f]) for f in FAULT_TYPES])
 
 
 class RewardWeights(BaseModel):
@@ -77,6 +88,13 @@ class RewardWeights(BaseModel):
         description="how a specialist is charged for its action: counterfactual, the step's "
         "SLO, records-lost and cost terms minus those of the same step had it observed; "
         "direct (before 2026-12-07), only the action's own cost and the records it dropped",
+    )
+    specialist_open: float = Field(
+        0.0,
+        ge=0,
+        description="specialist, on a step it is asked: per fault of its own domain open after "
+        "the step with no cure under way, so leaving one alone costs it what a step of it costs "
+        "the master (0: off; its credit then puts no price on waiting)",
     )
     capacity_credit_steps: int = Field(
         1,
@@ -291,6 +309,8 @@ class PipelineMedicEnv(MultiAgentEnv):
                     + w.lost * sim.last_action_dropped / self._records_per_step
                 )
             own = w.cure * sim.last_action_addressed - harm
+            if w.specialist_open:
+                own = own - w.specialist_open * self._domain_open(self._specialist_of)
             for i in acted:
                 rewards[agent_id(DOMAINS[self._specialist_of[i]], i)] = float(own[i])
         self._pending = np.full(k, ACTION_ID["observe"], dtype=np.int64)
@@ -304,6 +324,13 @@ class PipelineMedicEnv(MultiAgentEnv):
                 obs.update(self._observations(role, rows))
             return obs, rewards, _all(False), _all(True), {}
         return self._observations(self.top, range(k)), rewards, _all(False), _all(False), {}
+
+    def _domain_open(self, domain: np.ndarray) -> np.ndarray:
+        """Per pipeline, the faults open now with no cure under way whose domain is
+        ``domain[i]`` (an index into DOMAINS; -1 counts none)."""
+        sim = self.sim
+        own = _DOMAIN_OF_FAULT[sim.f_type] == domain[:, None]
+        return (sim.fault_active() & (sim.f_clear_at == NEVER) & own).sum(axis=1)
 
     def _observations(self, role: str, rows) -> dict[str, dict[str, np.ndarray]]:
         rows = list(rows)

@@ -154,6 +154,28 @@ def test_the_credit_changes_only_the_specialists_reward():
     assert seen["counterfactual"]["drift/0"] > 0.5 and seen["direct"]["drift/0"] > 0.5
 
 
+def test_a_specialist_asked_pays_for_its_own_domains_open_faults_when_told_to():
+    # schema_drift open from step 1. Asked and observing, the drift specialist pays
+    # specialist_open for it; the infra specialist, asked the same, pays nothing (not its
+    # domain); with the default (0) neither pays, and a fault whose cure is under way is not
+    # charged.
+    def asked(domain: str, action: str, stage: str = "ingest", **rewards) -> float:
+        env = reward_test_env(single_fault_scenario("schema_drift", at=1), **rewards)
+        env.reset(seed=2)
+        env.step({"master/0": MASTER_INDEX["observe"]})  # now the fault is active
+        env.step({"master/0": MASTER_INDEX[f"delegate_{domain}"]})
+        slot = STAGES.index(stage) if action != "observe" else 0
+        _, r, *_ = env.step({f"{domain}/0": LAYOUTS[domain].encode(action, slot)})
+        return r[f"{domain}/0"]
+
+    assert asked("drift", "observe") == 0.0
+    assert asked("drift", "observe", specialist_open=0.3) == pytest.approx(-0.3)
+    assert asked("infra", "observe", specialist_open=0.3) == 0.0
+    cured = asked("drift", "schema_remap", specialist_open=0.3)
+    assert cured == pytest.approx(asked("drift", "schema_remap"))
+    assert cured > 0.5
+
+
 def test_a_replica_added_is_credited_over_the_capacity_horizon():
     # A traffic burst and no fault open: scale_out cures nothing, so the specialist's reward is
     # minus the harm, summed over the horizon's steps, the later ones observed in both branches.
