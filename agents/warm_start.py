@@ -45,8 +45,8 @@ from envs.catalogue import (
     ACTION_DOMAIN,
     ACTION_ID,
     DOMAINS,
+    FAULT_DOMAIN_INDEX,
     FAULT_TYPES,
-    FAULTS_BY_DOMAIN,
     SIM_ACTIONS,
     best_cure,
     master_action_name,
@@ -65,7 +65,7 @@ from envs.simulator import GroundTruth
 
 log = logging.getLogger(__name__)
 OBSERVE = ACTION_ID["observe"]
-_DOMAIN_FAULTS = {d: [FAULT_TYPES.index(f) for f in fs] for d, fs in FAULTS_BY_DOMAIN.items()}
+_DOMAIN_OF_FAULT = np.array(FAULT_DOMAIN_INDEX)
 
 
 class WarmStartConfig(BaseModel):
@@ -183,10 +183,10 @@ def _domain_labels(
     this step belongs to a domain (a cure, or capacity it adds), that domain's label is the
     teacher's choice. ``truth``: this step's ground truth (``env.sim.ground_truth()``)."""
     labels = {}
-    for d in DOMAINS:
+    for domain_index, d in enumerate(DOMAINS):
         action = np.full(env.k, OBSERVE, dtype=np.int64)
         slot = np.zeros(env.k, dtype=np.int64)
-        in_domain = truth.active & np.isin(truth.types, _DOMAIN_FAULTS[d])
+        in_domain = truth.active & (_DOMAIN_OF_FAULT[truth.types] == domain_index)
         # Like the oracle: the oldest fault with no cure under way, else the oldest one.
         uncured = in_domain & ~truth.cure_pending
         for i in np.flatnonzero(in_domain.any(axis=1)):

@@ -45,6 +45,9 @@ FAULTS_BY_DOMAIN: dict[str, tuple[str, ...]] = {
 }
 FAULT_TYPES: tuple[str, ...] = tuple(f for d in DOMAINS for f in FAULTS_BY_DOMAIN[d])
 FAULT_DOMAIN: dict[str, str] = {f: d for d, fs in FAULTS_BY_DOMAIN.items() for f in fs}
+#: Per fault type (indexed like FAULT_TYPES, as the simulator's fault slots are), its domain's
+#: index in DOMAINS.
+FAULT_DOMAIN_INDEX: tuple[int, ...] = tuple(DOMAINS.index(FAULT_DOMAIN[f]) for f in FAULT_TYPES)
 
 MASTER_ACTIONS: tuple[str, ...] = (
     "delegate_drift",

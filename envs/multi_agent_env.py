@@ -54,14 +54,13 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from envs.catalogue import (
     ACTION_ID,
     DOMAINS,
-    FAULT_DOMAIN,
-    FAULT_TYPES,
+    FAULT_DOMAIN_INDEX,
     MASTER_ACTIONS,
     SIM_ACTIONS,
 )
 from envs.observation import LAYOUTS, OBS_BOUND, ObservationEncoder, observation_size
 from envs.params import STEP_SECONDS, SimParams
-from envs.scenario import NEVER, Load, RandomBursts, RandomFaults, Scenario
+from envs.scenario import Load, RandomBursts, RandomFaults, Scenario
 from envs.simulator import PipelineSim, StepOutcome
 
 MASTER = "master"
@@ -69,8 +68,7 @@ FLAT = "flat"
 HIERARCHICAL_AGENTS: tuple[str, ...] = (MASTER, *DOMAINS)
 # Actions whose effect (a replica more or less) outlasts their step: rewards.capacity_credit_steps.
 _CAPACITY_ACTIONS = [ACTION_ID["scale_out"], ACTION_ID["scale_in"]]
-# Index into DOMAINS of each fault type (indexed like FAULT_TYPES, as the simulator's f_type is).
-_DOMAIN_OF_FAULT = np.array([DOMAINS.index(FAULT_DOMAIN[f]) for f in FAULT_TYPES])
+_DOMAIN_OF_FAULT = np.array(FAULT_DOMAIN_INDEX)
 
 
 class RewardWeights(BaseModel):
@@ -328,9 +326,9 @@ class PipelineMedicEnv(MultiAgentEnv):
     def _domain_open(self, domain: np.ndarray) -> np.ndarray:
         """Per pipeline, the faults open now with no cure under way whose domain is
         ``domain[i]`` (an index into DOMAINS; -1 counts none)."""
-        sim = self.sim
-        own = _DOMAIN_OF_FAULT[sim.f_type] == domain[:, None]
-        return (sim.fault_active() & (sim.f_clear_at == NEVER) & own).sum(axis=1)
+        truth = self.sim.ground_truth()
+        own = _DOMAIN_OF_FAULT[truth.types] == domain[:, None]
+        return (truth.active & ~truth.cure_pending & own).sum(axis=1)
 
     def _observations(self, role: str, rows) -> dict[str, dict[str, np.ndarray]]:
         rows = list(rows)
